@@ -1,0 +1,65 @@
+"""The decoder-backend interface: prefix embeddings in, sampled texts out.
+
+A backend knows nothing of plans, policies or tasks; it decodes N continuations of each prefix
+(the N share the prefix's KV cache). transformers and vLLM implement it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+
+
+@dataclass
+class Decoded:
+    """One sampled continuation. logprob: sum of the model's (temperature-1) token log-probs."""
+
+    text: str
+    token_ids: list[int]
+    logprob: float
+    finish_reason: str  # "stop" | "length"
+    token_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / max(1, len(self.token_ids))
+
+
+class DecoderBackend(Protocol):
+    name: str
+
+    def input_embeddings(self) -> torch.nn.Module | None:
+        """The decoder's token-embedding module when it lives in this process (shared, not copied)."""
+        ...
+
+    def generate(self, prefixes: list[torch.Tensor], n: int, params: SamplingParams) -> list[list[Decoded]]:
+        """n continuations for each prefix [T_i, hidden]; result[i][j] is continuation j of prefix i."""
+        ...
+
+
+def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """Cut `text` at the first stop string, OpenAI-style (the stop string is not returned)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

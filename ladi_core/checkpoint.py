@@ -1,0 +1,226 @@
+"""The checkpoint format, written and read in one place.
+
+    DIR/
+      ladi.json            LadiConfig: format version, kind, architecture, provenance
+      decoder/             a plain Hugging Face model + tokenizer (transformers and vLLM load it as is)
+      codec.safetensors    latent checkpoints only: encoder, adapter, begin/end-of-thought, latent stats
+      policy.safetensors   latent checkpoints only: the diffusion denoiser
+
+A token-level checkpoint is the same directory without the latent parts. Loading validates the
+version, the files and every tensor's shape, reports all problems in one message, and never
+unpickles anything (safetensors and JSON only).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load_file, save_file
+
+from .codec import CodecConfig, LatentCodec
+from .policies import DiffusionPolicy, DiffusionPolicyConfig, SamplerConfig
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "ladi.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be used, with every reason found."""
+
+
+class Provenance(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    command: str
+    seed: int | None = None
+    commit: str | None = None
+    created: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class LadiConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int
+    kind: Literal["latent", "token"]
+    task: str | None = None
+    codec: dict[str, Any] | None = None
+    policy: dict[str, Any] | None = None
+    sampler: dict[str, Any] | None = None
+    provenance: Provenance
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def make_provenance(seed: int | None, config: dict | None = None, metrics: dict | None = None) -> Provenance:
+    """How a checkpoint was made: the command line, seed, commit, config and metrics."""
+    argv = list(sys.argv)
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        argv[0] = f"python -m {spec.name.removesuffix('.__main__')}"
+    return Provenance(command=" ".join(argv), seed=seed, commit=git_commit(),
+                      created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                      metrics=metrics or {}, config=config or {})
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint. The decoder model itself is loaded by a backend from `decoder_dir`."""
+
+    path: Path
+    config: LadiConfig
+    tokenizer: Any
+    codec: LatentCodec | None = None
+    policy: DiffusionPolicy | None = None
+
+    @property
+    def decoder_dir(self) -> Path:
+        return self.path / "decoder"
+
+    @property
+    def is_latent(self) -> bool:
+        return self.config.kind == "latent"
+
+
+def save_checkpoint(path: str | Path, decoder, tokenizer, provenance: Provenance, *, task: str | None = None,
+                    codec: LatentCodec | None = None, policy: DiffusionPolicy | None = None) -> Path:
+    """Write atomically: a half-written checkpoint never sits at `path`."""
+    path = Path(path)
+    if (codec is None) != (policy is None):
+        raise ValueError("a latent checkpoint needs both a codec and a policy")
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    decoder.save_pretrained(tmp / "decoder", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "decoder")
+    cfg = LadiConfig(format_version=FORMAT_VERSION, kind="token" if codec is None else "latent", task=task,
+                     provenance=provenance)
+    if codec is not None:
+        save_file({k: v.contiguous() for k, v in codec.state_dict().items()}, tmp / "codec.safetensors")
+        save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, tmp / "policy.safetensors")
+        cfg.codec, cfg.policy, cfg.sampler = asdict(codec.cfg), asdict(policy.cfg), asdict(policy.sampler)
+    (tmp / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2) + "\n")
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _check_state(module: torch.nn.Module, file: Path, problems: list[str]) -> dict | None:
+    try:
+        state = load_file(file)
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        problems.append(f"{file.name}: unreadable ({err})")
+        return None
+    expected = module.state_dict()
+    for k in sorted(set(expected) - set(state)):
+        problems.append(f"{file.name}: missing tensor {k}")
+    for k in sorted(set(state) - set(expected)):
+        problems.append(f"{file.name}: unexpected tensor {k}")
+    for k in sorted(set(state) & set(expected)):
+        if tuple(state[k].shape) != tuple(expected[k].shape):
+            problems.append(f"{file.name}: {k} has shape {tuple(state[k].shape)}, "
+                            f"ladi.json implies {tuple(expected[k].shape)}")
+    return state
+
+
+def read_config(path: str | Path) -> LadiConfig:
+    path = Path(path)
+    file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: not a directory")
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path}: no {CONFIG_FILE} (is this a LaDi checkpoint directory?)")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} is not valid JSON ({err})") from None
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format_version {version!r}, this LaDi reads {FORMAT_VERSION}")
+    try:
+        return LadiConfig.model_validate(raw)
+    except ValidationError as err:
+        raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} is malformed:\n{err}") from None
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    cfg = read_config(path)
+    problems: list[str] = []
+    dec = path / "decoder"
+    hidden = None
+    if not (dec / "config.json").is_file():
+        problems.append("decoder/config.json is missing")
+    else:
+        try:
+            hidden = AutoConfig.from_pretrained(str(dec)).hidden_size
+        except Exception as err:  # transformers raises several types for bad configs
+            problems.append(f"decoder/config.json unreadable ({err})")
+        if not list(dec.glob("*.safetensors")):
+            problems.append("decoder/ has no .safetensors weights (pickled weights are not loaded)")
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(dec))
+        tokenizer.padding_side = "left"
+    except Exception as err:
+        problems.append(f"decoder/ tokenizer unreadable ({err})")
+    codec = policy = None
+    if cfg.kind == "latent":
+        try:
+            codec = LatentCodec(CodecConfig(**(cfg.codec or {})))
+            policy = DiffusionPolicy(DiffusionPolicyConfig(**(cfg.policy or {})), SamplerConfig(**(cfg.sampler or {})))
+        except TypeError as err:
+            raise CheckpointError(f"checkpoint {path}: codec/policy config does not match this LaDi ({err})") from None
+        if hidden is not None and codec.cfg.hidden_size != hidden:
+            problems.append(f"codec hidden_size {codec.cfg.hidden_size} != decoder hidden_size {hidden}")
+        if hidden is not None and policy.cfg.hidden_size != hidden:
+            problems.append(f"policy hidden_size {policy.cfg.hidden_size} != decoder hidden_size {hidden}")
+        if (codec.cfg.latent_tokens, codec.cfg.latent_dim) != (policy.cfg.latent_tokens, policy.cfg.latent_dim):
+            problems.append("codec and policy disagree on the latent shape")
+        states = {}
+        for name, module in (("codec", codec), ("policy", policy)):
+            file = path / f"{name}.safetensors"
+            if not file.is_file():
+                problems.append(f"{file.name} is missing")
+            else:
+                states[name] = _check_state(module, file, problems)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded:\n  - " + "\n  - ".join(problems))
+    if codec is not None:
+        codec.load_state_dict(states["codec"])
+        policy.load_state_dict(states["policy"])
+        codec.to(device).eval()
+        policy.to(device).eval()
+    return Checkpoint(path, cfg, tokenizer, codec, policy)
+
+
+def update_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
+    """Merge evaluation results into a saved checkpoint's provenance."""
+    cfg = read_config(path)
+    cfg.provenance.metrics.update(metrics)
+    (Path(path) / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2) + "\n")

@@ -1,0 +1,117 @@
+"""The latent codec: reasoning text <-> a block of L latent vectors, and the one function that
+turns a latent plan into decoder input embeddings.
+
+The encoder reads question + reasoning (through the decoder's own token embeddings, frozen, so it
+works for any decoder vocabulary) and emits a VAE posterior over L x d_z latents. The adapter lifts
+a latent block into the decoder's embedding space, framed by learned begin/end-of-thought vectors.
+Latents are stored normalised (per-dimension mean/std measured on the training set), which is the
+space the diffusion policy works in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    latent_tokens: int = 4
+    latent_dim: int = 32
+    hidden_size: int = 128  # the decoder's (filled in from the decoder)
+    enc_dim: int = 128
+    enc_layers: int = 2
+    enc_heads: int = 4
+    max_len: int = 256
+    kl_weight: float = 1e-5
+    latent_noise: float = 0.1  # extra Gaussian noise on z while training: a robust decoder
+
+
+class LatentEncoder(nn.Module):
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.inp = nn.Linear(cfg.hidden_size, cfg.enc_dim)
+        self.pos = nn.Parameter(torch.randn(cfg.max_len, cfg.enc_dim) * 0.02)
+        self.queries = nn.Parameter(torch.randn(cfg.latent_tokens, cfg.enc_dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(cfg.enc_dim, cfg.enc_heads, 4 * cfg.enc_dim, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, cfg.enc_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.enc_dim)
+        self.out = nn.Linear(cfg.enc_dim, 2 * cfg.latent_dim)
+
+    def forward(self, token_embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_embeds [B, T, hidden], mask [B, T] (True = real token) -> (mu, logvar) [B, L, d_z]."""
+        b, t, _ = token_embeds.shape
+        if t > self.cfg.max_len:
+            raise ValueError(f"codec input of {t} tokens exceeds max_len={self.cfg.max_len}")
+        h = self.inp(token_embeds) + self.pos[:t]
+        q = self.queries.expand(b, -1, -1)
+        keep = torch.cat([torch.ones(b, q.shape[1], dtype=torch.bool, device=mask.device), mask], 1)
+        h = self.body(torch.cat([q, h], 1), src_key_padding_mask=~keep)
+        mu, logvar = self.out(self.norm(h[:, : q.shape[1]])).chunk(2, dim=-1)
+        return mu, logvar.clamp(-12, 6)
+
+
+class LatentAdapter(nn.Module):
+    """z [.., L, d_z] -> [bot; lift(z); eot] [.., L + 2, hidden]."""
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        self.lift = nn.Sequential(nn.Linear(cfg.latent_dim, cfg.hidden_size), nn.GELU(),
+                                  nn.Linear(cfg.hidden_size, cfg.hidden_size))
+        self.bot = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
+        self.eot = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lifted = self.lift(z)
+        shape = (*lifted.shape[:-2], 1, lifted.shape[-1])
+        return torch.cat([self.bot.expand(shape), lifted, self.eot.expand(shape)], dim=-2)
+
+
+class LatentCodec(nn.Module):
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = LatentEncoder(cfg)
+        self.adapter = LatentAdapter(cfg)
+        self.register_buffer("latent_mean", torch.zeros(cfg.latent_dim))
+        self.register_buffer("latent_std", torch.ones(cfg.latent_dim))
+
+    def encode(self, token_embeds, mask, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (unnormalised) z and the KL to N(0, I) per example."""
+        mu, logvar = self.encoder(token_embeds, mask)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(-2, -1))
+        return z, kl
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.latent_mean) / self.latent_std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.latent_std + self.latent_mean
+
+    def plan_embeds(self, z_normalized: torch.Tensor) -> torch.Tensor:
+        """A plan in policy space -> the embeddings the decoder reads: [bot; adapter(z); eot]."""
+        return self.adapter(self.denormalize(z_normalized))
+
+
+def build_inputs_embeds(embed_tokens: nn.Module, prompt_ids: list[list[int]],
+                        plans: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """THE prefix of every decode, in training and in serving, for every backend:
+    `[embed(prompt); bot; adapter(z); eot]` for a latent plan, `embed(prompt)` without one.
+
+    prompt_ids: B token-id lists; plans: [B, L + 2, hidden] from `LatentCodec.plan_embeds`, or None.
+    Returns B tensors [T_b, hidden] (unpadded: the transformers backend pads, vLLM takes them as is).
+    """
+    if plans is not None and plans.shape[0] != len(prompt_ids):
+        raise ValueError(f"{plans.shape[0]} plans for {len(prompt_ids)} prompts")
+    weight = embed_tokens.weight
+    out = []
+    for b, ids in enumerate(prompt_ids):
+        e = embed_tokens(torch.as_tensor(ids, dtype=torch.long, device=weight.device))
+        if plans is not None:
+            e = torch.cat([e, plans[b].to(e.dtype)], dim=0)
+        out.append(e)
+    return out

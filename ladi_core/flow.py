@@ -1,0 +1,81 @@
+"""Rectified-flow sampling steps, deterministic (ODE) and stochastic with log-probabilities (SDE).
+
+Convention: z_t = (1 - t) z_0 + t * eps, the model predicts v = eps - z_0, sampling runs t from 1
+(noise) down to 0 (data) with dt = t_next - t < 0. The SDE step is Flow-GRPO's: it has the same
+marginals as the ODE and a Gaussian transition, so every step has an exact log-density. That
+log-density is what RL optimises; re-scoring a stored transition under new parameters gives the
+per-step PPO ratio. Everything here is elementwise over any trailing shape.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sigma_schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """steps + 1 noise levels from 1 down to 0, from diffusers' flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if steps < 1:
+        raise ValueError(f"denoising steps must be >= 1, got {steps}")
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    sched.set_timesteps(steps)
+    return sched.sigmas.to(torch.float32)
+
+
+def ode_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    return x + v * (sigma_next - sigma)
+
+
+def sde_std(sigma: float, sigma_next: float, noise_level: float) -> float:
+    """Flow-GRPO's std_t = a * sqrt(t / (1 - t)); at t == 1 the next level stands in."""
+    s = sigma_next if sigma >= 1.0 else sigma
+    return noise_level * math.sqrt(s / (1.0 - s))
+
+
+def sde_mean_std(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float,
+                 noise_level: float) -> tuple[torch.Tensor, float]:
+    """Mean and std of p(x_next | x) for one stochastic step (float32)."""
+    dt = sigma_next - sigma
+    std_t = sde_std(sigma, sigma_next, noise_level)
+    x, v = x.float(), v.float()
+    mean = x + (v + std_t**2 / (2.0 * sigma) * (x + (1.0 - sigma) * v)) * dt
+    return mean, std_t * math.sqrt(-dt)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+    """Sum of log N(x; mean, std^2) over all but the first (batch) dimension."""
+    var = std * std
+    lp = -((x.float() - mean) ** 2) / (2 * var) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).sum(-1)
+
+
+def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, noise_level: float,
+             generator: torch.Generator | None = None, x_next: torch.Tensor | None = None):
+    """One stochastic step. Draws x_next unless given (re-scoring). Returns (x_next, log_prob, mean, std)."""
+    mean, std = sde_mean_std(x, v, sigma, sigma_next, noise_level)
+    if x_next is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        x_next = mean + std * noise
+    return x_next, gaussian_log_prob(x_next, mean, std), mean, std
+
+
+def repulsion(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Diversity guidance across the plans of one question (groups of `group_size` rows).
+
+    g_i = mean_j 2 w_ij (x_i - x_j), w_ij = exp(-d^2/s^2)(1 - d^2/s^2), s = median pairwise distance
+    in the group. The paper sums over j; the mean keeps one `diversity` setting meaningful for any M.
+    """
+    if group_size < 2:
+        return torch.zeros_like(x)
+    b = x.shape[0]
+    flat = x.float().reshape(b // group_size, group_size, -1)
+    diff = flat[:, :, None, :] - flat[:, None, :, :]  # [G, M, M, D]
+    d2 = diff.pow(2).sum(-1)
+    iu = torch.triu_indices(group_size, group_size, 1)
+    s2 = d2[:, iu[0], iu[1]].median(dim=-1).values.clamp_min(1e-8)[:, None, None]
+    r = d2 / s2
+    w = torch.exp(-r) * (1 - r)
+    g = (2 * w[..., None] * diff).sum(2) / (group_size - 1)
+    return g.reshape(x.shape).to(x.dtype)

@@ -1,0 +1,124 @@
+"""Question -> M latent plans -> N texts per plan: the path training, evaluation and serving walk.
+
+    prompt ids ─► embed ─► policy.sample (M plans, one batch) ─► codec.plan_embeds
+               └────────────────────────────────────────────► build_inputs_embeds ─► backend.generate (N each)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backends import Decoded, DecoderBackend, SamplingParams, TransformersBackend
+from .checkpoint import Checkpoint, load_checkpoint
+from .codec import build_inputs_embeds
+from .decoder import chat_prompt, load_decoder
+from .policies import PlanSample
+
+
+@dataclass
+class Completion:
+    text: str
+    plan_index: int | None  # which latent plan of its question (None for token-level checkpoints)
+    decoded: Decoded
+
+
+@dataclass
+class Generation:
+    """Everything one call produced for one question."""
+
+    completions: list[Completion]  # plan-major: plan 0's N texts, then plan 1's, ...
+    plans: torch.Tensor | None  # [M, L, d_z] normalised latents, None for token-level
+
+
+def pad_embeds(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a list of [T_i, H] into [B, T, H] and a mask (True = real)."""
+    t = max(e.shape[0] for e in embeds)
+    out = embeds[0].new_zeros(len(embeds), t, embeds[0].shape[-1])
+    mask = torch.zeros(len(embeds), t, dtype=torch.bool, device=embeds[0].device)
+    for i, e in enumerate(embeds):
+        out[i, : e.shape[0]] = e
+        mask[i, : e.shape[0]] = True
+    return out, mask
+
+
+class Reasoner:
+    """A checkpoint bound to a decoder backend."""
+
+    def __init__(self, checkpoint: Checkpoint, backend: DecoderBackend, embed_tokens: torch.nn.Module | None = None):
+        self.checkpoint = checkpoint
+        self.backend = backend
+        self.tokenizer = checkpoint.tokenizer
+        self.embed_tokens = embed_tokens or backend.input_embeddings()
+        if self.embed_tokens is None:
+            raise ValueError(f"backend {backend.name} keeps no embeddings in-process: pass embed_tokens")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", **backend_kw) -> Reasoner:
+        """transformers backend; the vLLM backend is built by the server."""
+        ckpt = load_checkpoint(path, device)
+        model, _ = load_decoder(ckpt.decoder_dir, device=device)
+        return cls(ckpt, TransformersBackend(model, ckpt.tokenizer, **backend_kw))
+
+    @property
+    def is_latent(self) -> bool:
+        return self.checkpoint.is_latent
+
+    def prompt_ids(self, prompts: list[str], chat: bool = True) -> list[list[int]]:
+        texts = [chat_prompt(self.tokenizer, p) if chat else p for p in prompts]
+        return [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
+    @torch.no_grad()
+    def prompt_embeds(self, prompt_ids: list[list[int]]) -> list[torch.Tensor]:
+        return build_inputs_embeds(self.embed_tokens, prompt_ids)
+
+    def sample_plans(self, prompt_embeds: list[torch.Tensor], num_plans: int, *,
+                     generator: torch.Generator | None = None, sde: bool = False, **overrides) -> PlanSample:
+        """M plans for each question, all denoised as one batch (grad flows when RL asks for it)."""
+        cond, mask = pad_embeds(prompt_embeds)
+        return self.checkpoint.policy.sample(cond, mask, num_plans, generator=generator, sde=sde, **overrides)
+
+    @torch.no_grad()
+    def decode(self, prompt_ids: list[list[int]], prompt_embeds: list[torch.Tensor], plans: torch.Tensor | None,
+               samples_per_plan: int, params: SamplingParams) -> list[list[Decoded]]:
+        """N texts for each (prompt, plan) row; plans [B, L, d_z] aligned with the rows, or None."""
+        plan_embeds = self.checkpoint.codec.plan_embeds(plans) if plans is not None else None
+        if plan_embeds is None:
+            prefixes = prompt_embeds
+        else:
+            prefixes = [torch.cat([e, p.to(e.dtype)]) for e, p in zip(prompt_embeds, plan_embeds)]
+        return self.backend.generate(prefixes, samples_per_plan, params)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], plans: int = 1, samples_per_plan: int = 1,
+                 params: SamplingParams | None = None, chat: bool = True, **plan_overrides) -> list[Generation]:
+        """M plans x N texts per prompt (M x N plain samples for a token-level checkpoint)."""
+        params = params or SamplingParams()
+        if plans < 1 or samples_per_plan < 1:
+            raise ValueError("plans and samples_per_plan must be >= 1")
+        ids = self.prompt_ids(prompts, chat)
+        embeds = self.prompt_embeds(ids)
+        if not self.is_latent:
+            decoded = self.backend.generate(embeds, plans * samples_per_plan, params)
+            return [Generation([Completion(d.text, None, d) for d in row], None) for row in decoded]
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator().manual_seed(params.seed)
+        sample = self.sample_plans(embeds, plans, generator=gen, **plan_overrides)
+        rows_ids = [i for i in ids for _ in range(plans)]
+        rows_embeds = [e for e in embeds for _ in range(plans)]
+        decoded = self.decode(rows_ids, rows_embeds, sample.latents, samples_per_plan, params)
+        out = []
+        for q in range(len(prompts)):
+            comps = [Completion(d.text, m, d) for m in range(plans) for d in decoded[q * plans + m]]
+            out.append(Generation(comps, sample.latents[q * plans:(q + 1) * plans]))
+        return out
+
+
+def generate(checkpoint: str | Path | Reasoner, prompts: list[str], plans: int = 1, samples_per_plan: int = 1,
+             **kw) -> list[Generation]:
+    """One-call convenience: `generate("ckpt/", ["Use 1 2 3 4 to make 10."], plans=4, samples_per_plan=2)`."""
+    reasoner = checkpoint if isinstance(checkpoint, Reasoner) else Reasoner.from_checkpoint(checkpoint)
+    params = SamplingParams(**{k: kw.pop(k) for k in list(kw) if k in SamplingParams.__dataclass_fields__})
+    return reasoner.generate(prompts, plans, samples_per_plan, params, **kw)

@@ -1,0 +1,26 @@
+"""The latent-policy interface that generation, RL and the server program against."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class PlanSample:
+    """M plans for each of Q questions, row q * M + m. With `sde=True` the trajectory and per-step
+    log-probabilities are kept (RL re-scores them); plain sampling keeps neither."""
+
+    latents: torch.Tensor  # [Q * M, L, d_z], normalised latent space
+    group_size: int
+    log_probs: torch.Tensor | None = None  # [Q * M, steps]
+    trajectory: torch.Tensor | None = None  # [steps + 1, Q * M, L, d_z]
+    sigmas: torch.Tensor | None = None  # [steps + 1]
+
+
+class LatentPolicy(Protocol):
+    def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, num_plans: int, *,
+               generator: torch.Generator | None = None, sde: bool = False, **overrides) -> PlanSample:
+        """cond [Q, T, hidden]: the question's prompt embeddings (padded), cond_mask [Q, T] True = real."""
+        ...

@@ -1,0 +1,128 @@
+"""Countdown: combine the given numbers with + - * (each exactly once) to reach the target.
+
+Questions are drawn from a seeded generator that enumerates every solution of a number set, so a
+target is only offered when it has at least `min_solutions` distinct solutions (distinct up to
+commutativity and associativity). Reference completions are chain-of-thought steps, one
+`a op b=c` per line, then `answer: <expression>`.
+"""
+from __future__ import annotations
+
+import functools
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ..verifiers.arith import Node, combine, num
+from ..verifiers.countdown import CountdownVerifier
+from .base import Question, check_split, in_test_split
+
+
+@dataclass(frozen=True)
+class CountdownConfig:
+    num_numbers: int = 4
+    min_number: int = 1
+    max_number: int = 9
+    min_target: int = 10
+    max_target: int = 60
+    min_solutions: int = 2
+    test_percent: int = 10
+
+
+@dataclass(frozen=True)
+class _Item:
+    node: Node
+    expr: str
+    prec: int  # 1 sum, 2 product, 3 number
+
+
+def _join(a: _Item, op: str, b: _Item) -> _Item:
+    if op == "+":
+        return _Item(combine(a.node, op, b.node), f"{a.expr}+{b.expr}", 1)
+    if op == "-":
+        rb = f"({b.expr})" if b.prec == 1 else b.expr
+        return _Item(combine(a.node, op, b.node), f"{a.expr}-{rb}", 1)
+    la = f"({a.expr})" if a.prec == 1 else a.expr
+    rb = f"({b.expr})" if b.prec == 1 else b.expr
+    return _Item(combine(a.node, op, b.node), f"{la}*{rb}", 2)
+
+
+@functools.lru_cache(maxsize=4096)
+def solve(numbers: tuple[int, ...]) -> dict[int, dict[str, list[str]]]:
+    """target -> canonical solution -> completions (step-by-step texts) reaching it."""
+    out: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+
+    def rec(pool: list[_Item], steps: list[str]) -> None:
+        if len(pool) == 1:
+            item = pool[0]
+            out[item.node.value][item.node.canon].append("\n".join(steps) + f"\nanswer: {item.expr}")
+            return
+        for i in range(len(pool)):
+            for j in range(i + 1, len(pool)):
+                rest = [p for k, p in enumerate(pool) if k not in (i, j)]
+                a, b = (pool[i], pool[j]) if pool[i].node.value >= pool[j].node.value else (pool[j], pool[i])
+                for op in "+-*":
+                    new = _join(a, op, b)
+                    step = f"{a.node.value}{op}{b.node.value}={new.node.value}"
+                    rec(rest + [new], steps + [step])
+
+    rec([_Item(num(n), str(n), 3) for n in numbers], [])
+    return {t: dict(s) for t, s in out.items()}
+
+
+class CountdownTask:
+    name = "countdown"
+
+    def __init__(self, config: CountdownConfig | None = None):
+        self.config = config or CountdownConfig()
+        self.verifier = CountdownVerifier()
+
+    @functools.lru_cache(maxsize=8192)
+    def _targets(self, numbers: tuple[int, ...]) -> list[int]:
+        c, sols = self.config, solve(numbers)
+        return [t for t in sorted(sols) if c.min_target <= t <= c.max_target and len(sols[t]) >= c.min_solutions]
+
+    def _draw(self, rng: random.Random, split: str) -> Question:
+        c = self.config
+        while True:
+            numbers = tuple(sorted(rng.randint(c.min_number, c.max_number) for _ in range(c.num_numbers)))
+            sols = solve(numbers)
+            targets = self._targets(numbers)
+            if not targets:
+                continue
+            target = rng.choice(targets)
+            key = f"countdown:{','.join(map(str, numbers))}:{target}"
+            if in_test_split(key, c.test_percent) != (split == "test"):
+                continue
+            shown = list(numbers)
+            rng.shuffle(shown)
+            completions = tuple(rng.choice(v) for v in sols[target].values())  # one per distinct solution
+            return Question(
+                id=key,
+                prompt=f"Use {' '.join(map(str, shown))} to make {target}.",
+                reference={"numbers": list(numbers), "target": target},
+                solutions=completions,
+            )
+
+    def questions(self, split: str, n: int, seed: int = 0) -> list[Question]:
+        check_split(split)
+        rng = random.Random(f"{seed}:{split}")
+        seen: set[str] = set()
+        out: list[Question] = []
+        for _ in range(n * 1000):
+            q = self._draw(rng, split)
+            if q.id not in seen:
+                seen.add(q.id)
+                out.append(q)
+                if len(out) == n:
+                    return out
+        raise ValueError(f"countdown: could only find {len(out)} distinct {split} questions, asked for {n}")
+
+    def stream(self, split: str, seed: int = 0):
+        """An endless stream of questions (repeats allowed): SFT and RL draw from it."""
+        check_split(split)
+        rng = random.Random(f"stream:{seed}:{split}")
+        while True:
+            yield self._draw(rng, split)
+
+    def sample_solution(self, question: Question, rng: random.Random) -> str:
+        return rng.choice(question.solutions)

@@ -1,0 +1,104 @@
+"""Checkpoint round-trip, plain-HF loading of decoder/, and clear rejection of broken directories."""
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from ladi_core.backends import SamplingParams
+from ladi_core.checkpoint import CheckpointError, load_checkpoint, make_provenance, save_checkpoint
+from ladi_core.decoder import load_decoder
+from ladi_core.generation import Reasoner
+
+PROMPTS = ["Use 3 4 5 2 to make 23.", "Use 9 1 1 8 to make 17."]
+PARAMS = SamplingParams(temperature=1.0, max_tokens=40, seed=11)
+
+
+def texts(reasoner):
+    return [[c.text for c in g.completions] for g in reasoner.generate(PROMPTS, 3, 2, PARAMS)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["latent", "token"])
+def test_round_trip_gives_the_same_outputs(kind, latent_ckpt, token_ckpt, tmp_path):
+    src = latent_ckpt if kind == "latent" else token_ckpt
+    a = Reasoner.from_checkpoint(src)
+    before = texts(a)
+    assert before == texts(a)  # seeded: reproducible
+    ck = load_checkpoint(src)
+    model, tok = load_decoder(ck.decoder_dir)
+    dst = save_checkpoint(tmp_path / "copy", model, tok, make_provenance(5), codec=ck.codec, policy=ck.policy)
+    b = Reasoner.from_checkpoint(dst)
+    assert texts(b) == before
+    for p, q in zip(a.backend.model.parameters(), b.backend.model.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.slow
+def test_decoder_dir_loads_with_plain_transformers(latent_ckpt):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(latent_ckpt / "decoder")
+    model = AutoModelForCausalLM.from_pretrained(latent_ckpt / "decoder")
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert model.config.hidden_size // model.config.num_attention_heads == 64
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = tok(text, return_tensors="pt").input_ids
+    assert tok.decode(ids[0]) == text
+    assert model(ids).logits.shape[-1] == model.config.vocab_size
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "broken"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_json(path, fn):
+    cfg = json.loads((path / "ladi.json").read_text())
+    fn(cfg)
+    (path / "ladi.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "ladi.json").unlink(), "no ladi.json"),
+    (lambda d: (d / "ladi.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: _edit_json(d, lambda c: c.update(format_version=99)), "format_version 99"),
+    (lambda d: _edit_json(d, lambda c: c.update(kind="hologram")), "malformed"),
+    (lambda d: _edit_json(d, lambda c: c["codec"].update(latent_dim=c["codec"]["latent_dim"] * 2)),
+     "has shape"),
+    (lambda d: _edit_json(d, lambda c: c["policy"].update(layers=c["policy"]["layers"] + 1)), "missing tensor"),
+    (lambda d: (d / "policy.safetensors").unlink(), "policy.safetensors is missing"),
+    (lambda d: (d / "codec.safetensors").write_bytes(b"\x00" * 64), "codec.safetensors: unreadable"),
+    (lambda d: (d / "decoder" / "model.safetensors").rename(d / "decoder" / "pytorch_model.bin"),
+     "no .safetensors weights"),
+])
+def test_broken_checkpoints_are_rejected_with_a_clear_message(latent_ckpt, tmp_path, damage, message):
+    d = _copy(latent_ckpt, tmp_path)
+    damage(d)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(d)
+
+
+@pytest.mark.slow
+def test_all_problems_are_reported_at_once(latent_ckpt, tmp_path):
+    d = _copy(latent_ckpt, tmp_path)
+    (d / "policy.safetensors").unlink()
+    _edit_json(d, lambda c: c["codec"].update(latent_dim=c["codec"]["latent_dim"] + 1))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(d)
+    assert "policy.safetensors is missing" in str(err.value) and "has shape" in str(err.value)
+
+
+@pytest.mark.slow
+def test_loading_never_unpickles(latent_ckpt, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("something was unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    Reasoner.from_checkpoint(latent_ckpt)

@@ -1,0 +1,71 @@
+"""Small pieces every training entry point uses: batching, schedules, resumable state, logs."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def step_rng(seed: int, stage: str, step: int) -> tuple[random.Random, torch.Generator]:
+    """Data and noise for a step depend only on (seed, stage, step): resuming replays them exactly."""
+    key = f"{seed}:{stage}:{step}"
+    return random.Random(key), torch.Generator().manual_seed(hash_int(key))
+
+
+def hash_int(key: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def pad_batch(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists; returns (ids [B, T], mask [B, T] bool)."""
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), t, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = True
+    return ids, mask
+
+
+class MetricsLog:
+    """Append-only JSONL: one object per logged step, with wall-clock time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+
+    def write(self, **row) -> None:
+        row = {"time": round(time.time() - self.t0, 2), **row}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def save_state(path: Path, **state) -> None:
+    """Training state for --resume (tensors, numbers, dicts): torch.save, read back weights-only."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_state(path: Path) -> dict | None:
+    return torch.load(path, weights_only=True) if path.is_file() else None

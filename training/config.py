@@ -1,0 +1,65 @@
+"""Typed configuration for the supervised stages, with the `smoke` and `demo` presets."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+from ladi_core.codec import CodecConfig
+from ladi_core.decoder import DecoderConfig
+from ladi_core.policies import DiffusionPolicyConfig, SamplerConfig
+from ladi_core.tasks import CountdownConfig
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 50
+    weight_decay: float = 0.01
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    task: str = "countdown"
+    verifier: str | None = None  # for JSONL tasks: math | code
+    seed: int = 0
+    decoder_init: str | None = None  # a local HF model directory instead of a tiny decoder from scratch
+    countdown: CountdownConfig = field(default_factory=CountdownConfig)  # demo difficulty: 4 numbers
+    decoder: DecoderConfig = DecoderConfig(num_layers=3, intermediate_size=384)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    policy: DiffusionPolicyConfig = field(default_factory=DiffusionPolicyConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    decoder_stage: StageConfig = StageConfig(1200, 128, 3e-3)
+    codec_stage: StageConfig = StageConfig(500, 128, 1e-3)
+    prior_stage: StageConfig = StageConfig(800, 256, 1e-3)
+    stats_examples: int = 4096  # examples used to measure the latent mean/std
+    save_every: int = 200  # resumable state every this many steps
+    eval_questions: int = 64  # quick held-out check recorded in each checkpoint's provenance
+    eval_samples: int = 4
+    max_new_tokens: int = 96
+    threads: int = 0  # torch threads; 0 = all cores
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+PRESETS: dict[str, SFTConfig] = {
+    "demo": SFTConfig(),
+    "smoke": SFTConfig(
+        decoder=DecoderConfig(num_layers=2, intermediate_size=256),
+        codec=CodecConfig(enc_layers=1),
+        policy=DiffusionPolicyConfig(layers=2),
+        sampler=SamplerConfig(steps=8),
+        decoder_stage=StageConfig(120, 64, 3e-3, warmup=10),
+        codec_stage=StageConfig(60, 64, 1e-3, warmup=10),
+        prior_stage=StageConfig(80, 64, 1e-3, warmup=10),
+        stats_examples=256, save_every=40, eval_questions=16, eval_samples=2, max_new_tokens=64,
+    ),
+}
+
+
+def with_overrides(cfg, **kw):
+    """replace() that ignores None values (CLI flags left unset)."""
+    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})
+

@@ -1,0 +1,176 @@
+"""pass@k curves on held-out questions, for one or more checkpoints.
+
+    python -m training.eval --checkpoint DIR [--checkpoint DIR2 ...] --task countdown --problems 500 \
+        --k 1,2,4,8,16,32,64 --out results/NAME
+
+Writes NAME/results.json, NAME/table.md and NAME/passk.png. A latent checkpoint draws max(k) plans
+with one text each (diversity comes from the plans); a token-level one draws max(k) texts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ladi_core.backends import SamplingParams
+from ladi_core.generation import Reasoner
+from ladi_core.metrics import distinct_correct, maj_at_k, mean_pairwise_distance, pass_at_k
+from ladi_core.tasks import Question, get_task
+from ladi_core.verifiers import Verifier
+
+from .common import set_threads
+
+
+def evaluate(reasoner: Reasoner, questions: list[Question], verifier: Verifier, *, plans: int,
+             samples_per_plan: int, params: SamplingParams, batch_questions: int = 32, progress: bool = True,
+             desc: str = "eval", **plan_overrides) -> list[dict]:
+    """One record per question: every sample's correctness and canonical answer, plus plan spread."""
+    records = []
+    bar = tqdm(total=len(questions), desc=desc, disable=not progress, leave=False)
+    for start in range(0, len(questions), batch_questions):
+        chunk = questions[start:start + batch_questions]
+        seed = None if params.seed is None else params.seed + start
+        gens = reasoner.generate([q.prompt for q in chunk], plans, samples_per_plan,
+                                 SamplingParams(params.temperature, params.top_p, params.max_tokens, seed, params.stop),
+                                 **plan_overrides)
+        for q, g in zip(chunk, gens):
+            rewards = [verifier.score(c.text, q.reference) for c in g.completions]
+            correct = [r.correct >= 1.0 for r in rewards]
+            answers = [r.answer for r in rewards]
+            records.append({
+                "id": q.id, "n": len(correct), "c": sum(correct), "correct": correct, "answers": answers,
+                "format": statistics.fmean(r.format for r in rewards),
+                "distinct_correct": distinct_correct(answers, correct),
+                "plan_distance": mean_pairwise_distance(g.plans) if g.plans is not None else None,
+                "example": g.completions[0].text,
+            })
+        bar.update(len(chunk))
+    bar.close()
+    return records
+
+
+def summarize(records: list[dict], ks: list[int]) -> dict:
+    out = {"questions": len(records), "samples": records[0]["n"] if records else 0}
+    for k in ks:
+        out[f"pass@{k}"] = statistics.fmean(pass_at_k(r["n"], r["c"], k) for r in records)
+    kmax = max(ks)
+    out[f"maj@{kmax}"] = statistics.fmean(maj_at_k(r["answers"], r["correct"], kmax) for r in records)
+    out["distinct_correct"] = statistics.fmean(r["distinct_correct"] for r in records)
+    out["format"] = statistics.fmean(r["format"] for r in records)
+    dists = [r["plan_distance"] for r in records if r["plan_distance"] is not None]
+    out["plan_distance"] = statistics.fmean(dists) if dists else None
+    return out
+
+
+def markdown_table(results: dict[str, dict], ks: list[int]) -> str:
+    cols = [f"pass@{k}" for k in ks] + [f"maj@{max(ks)}", "distinct_correct", "plan_distance", "format", "wall_s"]
+    lines = ["| checkpoint | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, s in results.items():
+        cells = []
+        for c in cols:
+            v = s.get(c)
+            cells.append("-" if v is None else f"{100 * v:.1f}" if c.startswith(("pass", "maj", "format"))
+                         else f"{v:.2f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\npass@k, maj@k and format in %; distinct_correct = distinct correct solutions per " \
+        "question (up to commutativity/associativity); plan_distance = mean pairwise L2 distance of a question's " \
+        "latent plans (normalised latent space).\n"
+
+
+def plot(results: dict[str, dict], ks: list[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in results.items():
+        ax.plot(ks, [100 * s[f"pass@{k}"] for k in ks], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("k")
+    ax.set_ylabel("pass@k (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m training.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", action="append", required=True, help="checkpoint directory (repeatable)")
+    p.add_argument("--name", action="append", help="display name per checkpoint (default: directory name)")
+    p.add_argument("--task", default="countdown")
+    p.add_argument("--verifier", help="for JSONL tasks: math or code")
+    p.add_argument("--problems", type=int, default=500)
+    p.add_argument("--k", default="1,2,4,8,16,32,64")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--samples-per-plan", type=int, default=1, help="latent checkpoints: N texts per plan")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--diversity", type=float)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch-questions", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    ks = sorted({int(k) for k in args.k.split(",")})
+    if ks[0] < 1:
+        raise SystemExit("--k values must be >= 1")
+    names = args.name or [Path(c).name for c in args.checkpoint]
+    if len(names) != len(args.checkpoint):
+        raise SystemExit("give one --name per --checkpoint")
+    task = get_task(args.task, args.verifier)
+    questions = task.questions("test", args.problems, seed=0)
+    params = SamplingParams(args.temperature, args.top_p, args.max_tokens, args.seed)
+    print(json.dumps({**vars(args), "k": ks}, indent=2))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, per_question = {}, {}
+    for name, ckpt in zip(names, args.checkpoint):
+        t0 = time.time()
+        reasoner = Reasoner.from_checkpoint(ckpt)
+        n = max(ks)
+        if reasoner.is_latent:
+            spp = args.samples_per_plan
+            if n % spp:
+                raise SystemExit(f"max k ({n}) must be a multiple of --samples-per-plan ({spp})")
+            plans = n // spp
+        else:
+            plans, spp = 1, n
+        recs = evaluate(reasoner, questions, task.verifier, plans=plans, samples_per_plan=spp, params=params,
+                        batch_questions=args.batch_questions, desc=name, steps=args.steps,
+                        guidance=args.guidance, diversity=args.diversity)
+        summary = summarize(recs, ks)
+        summary.update(wall_s=round(time.time() - t0, 1), kind=reasoner.checkpoint.config.kind,
+                       plans=plans if reasoner.is_latent else None, samples_per_plan=spp, checkpoint=str(ckpt))
+        results[name], per_question[name] = summary, recs
+        print(f"{name}: " + ", ".join(f"pass@{k}={100 * summary[f'pass@{k}']:.1f}" for k in ks)
+              + f", distinct={summary['distinct_correct']:.2f}, {summary['wall_s']}s")
+    (out / "results.json").write_text(json.dumps({"args": {**vars(args), "k": ks}, "results": results}, indent=2))
+    (out / "per_question.jsonl").write_text("".join(
+        json.dumps({"checkpoint": name, **{k: v for k, v in r.items() if k not in ("correct", "answers")}}) + "\n"
+        for name, recs in per_question.items() for r in recs))
+    table = markdown_table(results, ks)
+    (out / "table.md").write_text(f"# pass@k on {len(questions)} held-out {args.task} questions\n\n" + table)
+    plot(results, ks, out / "passk.png", f"{args.task}: {len(questions)} held-out questions")
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Supervised stages: (1) decoder SFT on chain-of-thought text, (2) the latent codec, (3) the
+diffusion prior. Writes the latent checkpoint to --out and the token-level one (stage 1 alone)
+beside it at <out>-token; resumable state and a JSONL metrics log live in <out>.work/.
+
+    python -m training.sft --task countdown --preset {smoke,demo} --out DIR [--seed S] [--resume]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from ladi_core.backends import SamplingParams
+from ladi_core.checkpoint import load_checkpoint, make_provenance, save_checkpoint, update_metrics
+from ladi_core.codec import LatentCodec
+from ladi_core.decoder import build_char_tokenizer, build_decoder, chat_prompt, load_decoder
+from ladi_core.generation import Reasoner, pad_embeds
+from ladi_core.policies import DiffusionPolicy
+from ladi_core.tasks import get_task
+
+from .common import MetricsLog, load_state, lr_at, pad_batch, save_state, set_threads, step_rng
+from .config import PRESETS, SFTConfig, StageConfig, with_overrides
+from .eval import evaluate, summarize
+
+
+class Examples:
+    """Tokenised (prompt, completion) pairs drawn from the task's training split."""
+
+    def __init__(self, task, tokenizer):
+        self.task, self.tok = task, tokenizer
+        self.eos = tokenizer.eos_token_id
+
+    def batch(self, n: int, rng) -> tuple[list[list[int]], list[list[int]]]:
+        qs = self.task.questions("train", n, seed=rng.randrange(2**31))
+        prompts = self.tok([chat_prompt(self.tok, q.prompt) for q in qs], add_special_tokens=False).input_ids
+        comps = self.tok([self.task.sample_solution(q, rng) for q in qs], add_special_tokens=False).input_ids
+        comps = [c + [self.eos] for c in comps]
+        return prompts, comps
+
+
+def run_stage(name: str, sc: StageConfig, modules: dict[str, torch.nn.Module], params: list,
+              loss_fn: Callable, cfg: SFTConfig, work: Path, log: MetricsLog) -> None:
+    """AdamW loop with warm-up + cosine, tqdm, JSONL log and resumable state every cfg.save_every steps."""
+    opt = torch.optim.AdamW(params, lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.95))
+    state_file = work / f"{name}.pt"
+    start = 0
+    state = load_state(state_file)
+    if state is not None:
+        for k, m in modules.items():
+            m.load_state_dict(state["modules"][k])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        if state.get("done"):
+            print(f"[{name}] already complete ({start} steps), skipping")
+            return
+        print(f"[{name}] resuming at step {start}")
+    for m in modules.values():
+        m.train()
+    bar = tqdm(range(start, sc.steps), desc=name, initial=start, total=sc.steps)
+    t_last = time.time()
+    for step in bar:
+        lr = lr_at(step, sc.steps, sc.lr, sc.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rng, gen = step_rng(cfg.seed, name, step)
+        loss, extra = loss_fn(rng, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 10 == 0 or step == sc.steps - 1:
+            now = time.time()
+            log.write(stage=name, step=step, loss=round(loss.item(), 5), lr=lr, grad_norm=round(float(gnorm), 4),
+                      step_s=round((now - t_last) / (10 if step else 1), 4), **extra)
+            t_last = now
+        done = step == sc.steps - 1
+        if done or (step + 1) % cfg.save_every == 0:
+            save_state(state_file, step=step + 1, done=done, optimizer=opt.state_dict(),
+                       modules={k: m.state_dict() for k, m in modules.items()})
+    for m in modules.values():
+        m.eval()
+
+
+def quick_eval(path: Path, task, cfg: SFTConfig) -> dict:
+    """A small held-out pass@1 check, recorded in the checkpoint's provenance."""
+    reasoner = Reasoner.from_checkpoint(path)
+    qs = task.questions("test", cfg.eval_questions, seed=0)
+    plans, spp = (cfg.eval_samples, 1) if reasoner.is_latent else (1, cfg.eval_samples)
+    recs = evaluate(reasoner, qs, task.verifier, plans=plans, samples_per_plan=spp,
+                    params=SamplingParams(1.0, 1.0, cfg.max_new_tokens, seed=cfg.seed), progress=False)
+    s = summarize(recs, [1])
+    metrics = {"heldout_questions": len(qs), "heldout_pass@1": round(s["pass@1"], 4),
+               "heldout_format": round(s["format"], 4)}
+    update_metrics(path, metrics)
+    print(f"[eval] {path}: {metrics}")
+    return metrics
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m training.sft", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="countdown", help="countdown, or a path to a .jsonl dataset")
+    p.add_argument("--verifier", help="for JSONL tasks: math or code")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    p.add_argument("--out", required=True, help="latent checkpoint directory (token-level goes to <out>-token)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--decoder-init", help="local Hugging Face model directory to fine-tune instead of a tiny decoder")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in <out>.work/")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    cfg = with_overrides(PRESETS[args.preset], task=args.task, verifier=args.verifier, seed=args.seed,
+                         decoder_init=args.decoder_init, threads=args.threads)
+    set_threads(cfg.threads)
+    out = Path(args.out)
+    token_out = out.with_name(out.name + "-token")
+    work = out.with_name(out.name + ".work")
+    saved_cfg = work / "config.json"
+    if work.exists() and not args.resume:
+        raise SystemExit(f"{work} exists from an earlier run: pass --resume to continue it, or remove it")
+    if args.resume and saved_cfg.is_file() and json.loads(saved_cfg.read_text()) != json.loads(cfg.to_json()):
+        raise SystemExit(f"--resume: the configuration differs from the run in {work}; use the same flags")
+    work.mkdir(parents=True, exist_ok=True)
+    saved_cfg.write_text(cfg.to_json())
+    print(f"training.sft preset={args.preset}\n{cfg.to_json()}", flush=True)
+    log = MetricsLog(work / "metrics.jsonl")
+    t_start = time.time()
+
+    task = get_task(cfg.task, cfg.verifier, **asdict(cfg.countdown)) if cfg.task == "countdown" \
+        else get_task(cfg.task, cfg.verifier)
+    if cfg.decoder_init:
+        decoder, tokenizer = load_decoder(cfg.decoder_init)
+    else:
+        tokenizer = build_char_tokenizer()
+        decoder = build_decoder(cfg.decoder, tokenizer, seed=cfg.seed)
+    hidden = decoder.config.hidden_size
+    data = Examples(task, tokenizer)
+    pad = tokenizer.pad_token_id
+    embed = decoder.get_input_embeddings()
+    timings = {}
+
+    # --- stage 1: decoder SFT ---------------------------------------------------------------------
+    def decoder_loss(rng, gen):
+        prompts, comps = data.batch(cfg.decoder_stage.batch_size, rng)
+        ids, mask = pad_batch([p + c for p, c in zip(prompts, comps)], pad)
+        labels = ids.masked_fill(~mask, -100)
+        for i, p in enumerate(prompts):
+            labels[i, : len(p)] = -100
+        return decoder(input_ids=ids, attention_mask=mask.long(), labels=labels).loss, {}
+
+    t0 = time.time()
+    run_stage("decoder", cfg.decoder_stage, {"decoder": decoder}, list(decoder.parameters()), decoder_loss,
+              cfg, work, log)
+    timings["decoder_s"] = round(time.time() - t0, 1)
+    prov = make_provenance(cfg.seed, json.loads(cfg.to_json()), {"stage": "decoder-sft", **timings})
+    save_checkpoint(token_out, decoder, tokenizer, prov, task=cfg.task)
+    token_metrics = quick_eval(token_out, task, cfg)
+
+    # --- stage 2: latent codec (decoder fine-tuned alongside) --------------------------------------
+    codec = LatentCodec(replace(cfg.codec, hidden_size=hidden))
+    policy = DiffusionPolicy(replace(cfg.policy, hidden_size=hidden, latent_tokens=cfg.codec.latent_tokens,
+                                     latent_dim=cfg.codec.latent_dim), cfg.sampler)
+    ccfg = codec.cfg
+
+    def encode_inputs(prompts, comps):
+        ids, mask = pad_batch([p + c for p, c in zip(prompts, comps)], pad)
+        with torch.no_grad():
+            return embed(ids).detach(), mask
+
+    def codec_loss(rng, gen):
+        prompts, comps = data.batch(cfg.codec_stage.batch_size, rng)
+        enc_in, enc_mask = encode_inputs(prompts, comps)
+        z, kl = codec.encode(enc_in, enc_mask, sample=True)
+        z = z + ccfg.latent_noise * torch.randn(z.shape, generator=gen)
+        plan = codec.adapter(z)
+        rows, labels = [], []
+        for i, (p, c) in enumerate(zip(prompts, comps)):
+            e = embed(torch.tensor(p + c))
+            rows.append(torch.cat([e[: len(p)], plan[i], e[len(p):]]))
+            labels.append([-100] * (len(p) + plan.shape[1]) + c)
+        x, mask = pad_embeds(rows)
+        lab, _ = pad_batch(labels, -100)
+        ce = decoder(inputs_embeds=x, attention_mask=mask.long(), labels=lab).loss
+        return ce + ccfg.kl_weight * kl.mean(), {"ce": round(ce.item(), 5), "kl": round(kl.mean().item(), 3)}
+
+    t0 = time.time()
+    run_stage("codec", cfg.codec_stage, {"decoder": decoder, "codec": codec},
+              list(decoder.parameters()) + list(codec.parameters()), codec_loss, cfg, work, log)
+    timings["codec_s"] = round(time.time() - t0, 1)
+
+    # --- stage 3: diffusion prior over normalised latents --------------------------------------------
+    decoder.eval()
+    codec.eval()
+    for prm in list(decoder.parameters()) + list(codec.parameters()):
+        prm.requires_grad_(False)
+
+    def latents_and_cond(prompts, comps):
+        enc_in, enc_mask = encode_inputs(prompts, comps)
+        with torch.no_grad():
+            mu, _ = codec.encoder(enc_in, enc_mask)
+            cond, cmask = pad_embeds([embed(torch.tensor(p)) for p in prompts])
+        return mu, cond, cmask
+
+    stats_file = work / "latent_stats.pt"
+    stats = load_state(stats_file)
+    if stats is None:
+        mus = []
+        for j in range(0, cfg.stats_examples, 256):
+            rng, _ = step_rng(cfg.seed, "stats", j)
+            mus.append(latents_and_cond(*data.batch(min(256, cfg.stats_examples - j), rng))[0])
+        mu = torch.cat(mus).flatten(0, 1)
+        stats = {"mean": mu.mean(0), "std": mu.std(0).clamp_min(1e-3)}
+        save_state(stats_file, **stats)
+    codec.latent_mean.copy_(stats["mean"])
+    codec.latent_std.copy_(stats["std"])
+
+    def prior_loss(rng, gen):
+        mu, cond, cmask = latents_and_cond(*data.batch(cfg.prior_stage.batch_size, rng))
+        return policy.flow_matching_loss(codec.normalize(mu), cond, cmask, gen), {}
+
+    t0 = time.time()
+    run_stage("prior", cfg.prior_stage, {"policy": policy}, list(policy.parameters()), prior_loss, cfg, work, log)
+    timings["prior_s"] = round(time.time() - t0, 1)
+    timings["total_s"] = round(time.time() - t_start, 1)
+    prov = make_provenance(cfg.seed, json.loads(cfg.to_json()), {"stage": "latent-sft", **timings})
+    save_checkpoint(out, decoder, tokenizer, prov, task=cfg.task, codec=codec, policy=policy)
+    latent_metrics = quick_eval(out, task, cfg)
+    load_checkpoint(out)  # the written directory must load cleanly
+    summary = {"token": str(token_out), "latent": str(out), **timings,
+               "token_pass@1": token_metrics["heldout_pass@1"], "latent_pass@1": latent_metrics["heldout_pass@1"]}
+    log.write(stage="done", **summary)
+    print(json.dumps(summary, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
