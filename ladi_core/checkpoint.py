@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -70,15 +71,18 @@ def git_commit() -> str | None:
         return None
 
 
-def make_provenance(seed: int | None, config: dict | None = None, metrics: dict | None = None) -> Provenance:
-    """How a checkpoint was made: the command line, seed, commit, config and metrics."""
-    argv = list(sys.argv)
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name:
-        argv[0] = f"python -m {spec.name.removesuffix('.__main__')}"
-    return Provenance(command=" ".join(argv), seed=seed, commit=git_commit(),
-                      created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+def command_line(module: str, argv: list[str] | None = None) -> str:
+    """`python -m module args...` for an entry point called from the shell or from Python."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", "-m", module, *(shlex.quote(a) for a in args)])
+
+
+def make_provenance(command: str, seed: int | None, config: dict | None = None, metrics: dict | None = None,
+                    commit: str | None = None) -> Provenance:
+    """How a checkpoint was made: the command line, seed, commit, config and metrics.
+    Long runs pass the commit read at their start: the tree may move on while they train."""
+    return Provenance(command=command, seed=seed, commit=commit or git_commit(),
+                      created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                       metrics=metrics or {}, config=config or {})
 
 

@@ -7,13 +7,12 @@ the tiny model: every function takes whatever `AutoModelForCausalLM` loads.
 """
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-PAD, EOS, IM_START, IM_END, UNK = "<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"
+PAD, EOS, IM_START, IM_END = "<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -22,20 +21,26 @@ CHAT_TEMPLATE = (
 
 
 def build_char_tokenizer():
-    """Every printable ASCII character is one token; ChatML markers are single special tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level tokenizer with no merges: every byte is one token (every ASCII character one
+    token), ChatML markers are single special tokens.
+
+    It is a BPE with Qwen's byte-level alphabet on purpose: transformers (5.x) loads any
+    `model_type: qwen2` directory with its own Qwen2Tokenizer, which keeps the BPE vocabulary and
+    merges but installs the byte-level pre-tokenizer. A tokenizer of that shape loads back exactly
+    as it was saved, in transformers and in vLLM.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [PAD, EOS, IM_START, IM_END, UNK]
-    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    specials = [PAD, EOS, IM_START, IM_END]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=IM_END, unk_token=UNK,
-        additional_special_tokens=[EOS, IM_START],
+        tokenizer_object=tok, pad_token=PAD, eos_token=IM_END, additional_special_tokens=[EOS, IM_START],
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
@@ -94,8 +99,6 @@ def chat_prompt(tokenizer, user_message: str) -> str:
 def stop_token_ids(tokenizer) -> list[int]:
     """Tokens that end a completion: the tokenizer's EOS plus ChatML's end markers when present."""
     ids = {tokenizer.eos_token_id}
-    for tok in (IM_END, EOS):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[tok] for tok in (IM_END, EOS) if tok in vocab)
     return sorted(i for i in ids if i is not None)

@@ -28,7 +28,7 @@ def test_round_trip_gives_the_same_outputs(kind, latent_ckpt, token_ckpt, tmp_pa
     assert before == texts(a)  # seeded: reproducible
     ck = load_checkpoint(src)
     model, tok = load_decoder(ck.decoder_dir)
-    dst = save_checkpoint(tmp_path / "copy", model, tok, make_provenance(5), codec=ck.codec, policy=ck.policy)
+    dst = save_checkpoint(tmp_path / "copy", model, tok, make_provenance("test", 5), codec=ck.codec, policy=ck.policy)
     b = Reasoner.from_checkpoint(dst)
     assert texts(b) == before
     for p, q in zip(a.backend.model.parameters(), b.backend.model.parameters()):
@@ -102,3 +102,22 @@ def test_loading_never_unpickles(latent_ckpt, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     Reasoner.from_checkpoint(latent_ckpt)
+
+
+def test_the_tokenizer_survives_a_save_and_a_plain_autotokenizer_load(tmp_path):
+    """transformers maps model_type qwen2 to its own tokenizer class: ours must load back unchanged."""
+    from transformers import AutoTokenizer
+
+    from ladi_core.decoder import DecoderConfig, build_char_tokenizer, build_decoder
+
+    tok = build_char_tokenizer()
+    build_decoder(DecoderConfig(num_layers=1, intermediate_size=64), tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    back = AutoTokenizer.from_pretrained(tmp_path)
+    text = "<|im_start|>user\nUse 7 3 4 4 to make 13.<|im_end|>\n<|im_start|>assistant\n7*3=21\nanswer: 7*3-4-4 é"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert back(text, add_special_tokens=False).input_ids == ids
+    assert back.decode(ids) == text
+    plain = text.replace("<|im_start|>", "").replace("<|im_end|>", "")
+    markers = text.count("<|im_start|>") + text.count("<|im_end|>")
+    assert len(ids) == len(plain.encode()) + markers  # one token per byte, one per ChatML marker

@@ -14,7 +14,7 @@ def test_eval_cli_writes_table_json_and_plot(latent_ckpt, token_ckpt, tmp_path):
                        "--problems", "6", "--k", "1,2,4", "--out", str(out), "--max-tokens", "48"])
     assert set(results) == {token_ckpt.name, latent_ckpt.name}
     data = json.loads((out / "results.json").read_text())
-    for name, s in data["results"].items():
+    for s in data["results"].values():
         assert s["questions"] == 6 and s["samples"] == 4
         assert 0 <= s["pass@1"] <= s["pass@2"] <= s["pass@4"] <= 1
     assert data["results"][latent_ckpt.name]["plan_distance"] > 0

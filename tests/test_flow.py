@@ -129,7 +129,7 @@ def test_flow_matching_loss_trains_towards_the_data():
     z0 = torch.full((64, 2, 4), 2.0)
     opt = torch.optim.Adam(p.parameters(), lr=3e-3)
     first = None
-    for i in range(150):
+    for _ in range(150):
         loss = p.flow_matching_loss(z0, c, m)
         first = first if first is not None else loss.item()
         opt.zero_grad()

@@ -30,7 +30,10 @@ def test_token_level_generation(token_reasoner):
 
 def test_seeds_reproduce_and_differ(latent_reasoner):
     p = ["Use 3 4 5 2 to make 23."]
-    run = lambda s: [c.text for c in latent_reasoner.generate(p, 4, 2, SamplingParams(max_tokens=30, seed=s))[0].completions]  # noqa: E731
+    def run(seed):
+        (g,) = latent_reasoner.generate(p, 4, 2, SamplingParams(max_tokens=30, seed=seed))
+        return [c.text for c in g.completions]
+
     assert run(1) == run(1)
     assert run(1) != run(2)
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -39,13 +40,24 @@ def test_countdown_difficulty_knobs():
 
 
 def test_solver_steps_are_consistent():
-    sols = solve((2, 3, 4))
-    assert 24 in sols  # 2*3*4
-    for text in sols[24][next(iter(sols[24]))]:
-        for line in text.splitlines()[:-1]:
-            lhs, rhs = line.split("=")
-            a, op, b = lhs.partition("+")[0], None, None
-            assert int(rhs) >= 0
+    """Every reference completion's steps are correct arithmetic on the numbers still in play."""
+    import operator
+
+    ops = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+    numbers = (2, 3, 4, 7)
+    for target, by_canon in solve(numbers).items():
+        for texts in by_canon.values():
+            for text in texts:
+                pool = list(numbers)
+                *steps, answer = text.splitlines()
+                for step in steps:
+                    lhs, rhs = step.split("=")
+                    a, op, b = re.fullmatch(r"(\d+)([+*-])(\d+)", lhs).groups()
+                    assert ops[op](int(a), int(b)) == int(rhs) >= 0
+                    pool.remove(int(a))
+                    pool.remove(int(b))
+                    pool.append(int(rhs))
+                assert pool == [target] and answer.startswith("answer: ")
 
 
 def test_jsonl_task(tmp_path):

@@ -1,6 +1,6 @@
 """Verifiers on hand-made good, bad and adversarial inputs: a reward, never an exception."""
-import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -140,9 +140,11 @@ def test_code_children_are_killed_with_the_program(humaneval, tmp_path):
     """A completion that forks a sleeper and passes: the sleeper must not outlive the check."""
     marker = tmp_path / "child.pid"
     body = (
-        "    import subprocess, sys\n"
-        "    p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-        f"    open({str(marker)!r}, 'a').write(f'{{p.pid}} ')\n"
+        "    import os, subprocess, sys\n"
+        "    if not os.environ.get('SPAWNED'):\n"  # once, however often the tests call us
+        "        os.environ['SPAWNED'] = '1'\n"
+        "        p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"        open({str(marker)!r}, 'a').write(f'{{p.pid}} ')\n"
         "    return x + y\n"
     )
     r = code.score(body, humaneval["HumanEval/53"])
@@ -151,7 +153,8 @@ def test_code_children_are_killed_with_the_program(humaneval, tmp_path):
     assert pids
     time.sleep(0.2)
     for pid in pids:
-        alive = os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]
+        stat = Path(f"/proc/{pid}/stat")
+        alive = stat.exists() and stat.read_text().split()[2] != "Z"
         assert not alive, f"child {pid} survived"
 
 

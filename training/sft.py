@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from ladi_core.backends import SamplingParams
-from ladi_core.checkpoint import load_checkpoint, make_provenance, save_checkpoint, update_metrics
+from ladi_core.checkpoint import (
+    command_line,
+    git_commit,
+    load_checkpoint,
+    make_provenance,
+    save_checkpoint,
+    update_metrics,
+)
 from ladi_core.codec import LatentCodec
 from ladi_core.decoder import build_char_tokenizer, build_decoder, chat_prompt, load_decoder
 from ladi_core.generation import Reasoner, pad_embeds
@@ -138,6 +143,8 @@ def main(argv=None) -> Path:
     print(f"training.sft preset={args.preset}\n{cfg.to_json()}", flush=True)
     log = MetricsLog(work / "metrics.jsonl")
     t_start = time.time()
+    commit = git_commit()
+    command = command_line("training.sft", argv)
 
     task = get_task(cfg.task, cfg.verifier, **asdict(cfg.countdown)) if cfg.task == "countdown" \
         else get_task(cfg.task, cfg.verifier)
@@ -165,7 +172,8 @@ def main(argv=None) -> Path:
     run_stage("decoder", cfg.decoder_stage, {"decoder": decoder}, list(decoder.parameters()), decoder_loss,
               cfg, work, log)
     timings["decoder_s"] = round(time.time() - t0, 1)
-    prov = make_provenance(cfg.seed, json.loads(cfg.to_json()), {"stage": "decoder-sft", **timings})
+    prov = make_provenance(command, cfg.seed, json.loads(cfg.to_json()), {"stage": "decoder-sft", **timings},
+                           commit)
     save_checkpoint(token_out, decoder, tokenizer, prov, task=cfg.task)
     token_metrics = quick_eval(token_out, task, cfg)
 
@@ -235,7 +243,8 @@ def main(argv=None) -> Path:
     run_stage("prior", cfg.prior_stage, {"policy": policy}, list(policy.parameters()), prior_loss, cfg, work, log)
     timings["prior_s"] = round(time.time() - t0, 1)
     timings["total_s"] = round(time.time() - t_start, 1)
-    prov = make_provenance(cfg.seed, json.loads(cfg.to_json()), {"stage": "latent-sft", **timings})
+    prov = make_provenance(command, cfg.seed, json.loads(cfg.to_json()), {"stage": "latent-sft", **timings},
+                           commit)
     save_checkpoint(out, decoder, tokenizer, prov, task=cfg.task, codec=codec, policy=policy)
     latent_metrics = quick_eval(out, task, cfg)
     load_checkpoint(out)  # the written directory must load cleanly

@@ -69,6 +69,13 @@ def solve(numbers: tuple[int, ...]) -> dict[int, dict[str, list[str]]]:
     return {t: dict(s) for t, s in out.items()}
 
 
+@functools.lru_cache(maxsize=65536)
+def eligible_targets(c: CountdownConfig, numbers: tuple[int, ...]) -> list[int]:
+    """Targets in range with at least `min_solutions` distinct solutions."""
+    sols = solve(numbers)
+    return [t for t in sorted(sols) if c.min_target <= t <= c.max_target and len(sols[t]) >= c.min_solutions]
+
+
 class CountdownTask:
     name = "countdown"
 
@@ -76,10 +83,8 @@ class CountdownTask:
         self.config = config or CountdownConfig()
         self.verifier = CountdownVerifier()
 
-    @functools.lru_cache(maxsize=8192)
     def _targets(self, numbers: tuple[int, ...]) -> list[int]:
-        c, sols = self.config, solve(numbers)
-        return [t for t in sorted(sols) if c.min_target <= t <= c.max_target and len(sols[t]) >= c.min_solutions]
+        return eligible_targets(self.config, numbers)
 
     def _draw(self, rng: random.Random, split: str) -> Question:
         c = self.config

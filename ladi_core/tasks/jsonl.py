@@ -29,7 +29,8 @@ class JsonlTask:
                 row = json.loads(line)
                 prompt, reference = row["question"], row["answer"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{self.path}:{lineno}: need a JSON object with 'question' and 'answer' ({err})")
+                raise ValueError(f"{self.path}:{lineno}: need a JSON object with 'question' and 'answer' ({err})") \
+                    from None
             if not isinstance(prompt, str):
                 raise ValueError(f"{self.path}:{lineno}: 'question' must be a string")
             sol = row.get("solution") or ()
