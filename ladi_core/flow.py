@@ -61,14 +61,27 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, 
     return x_next, gaussian_log_prob(x_next, mean, std), mean, std
 
 
-def repulsion(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Diversity guidance across the plans of one question (groups of `group_size` rows).
+def repulsion(x: torch.Tensor, group_size: int | list[int]) -> torch.Tensor:
+    """Diversity guidance across the plans of one question (consecutive groups of rows).
 
     g_i = mean_j 2 w_ij (x_i - x_j), w_ij = exp(-d^2/s^2)(1 - d^2/s^2), s = median pairwise distance
-    in the group. The paper sums over j; the mean keeps one `diversity` setting meaningful for any M.
+    in the group: the gradient of sum_j d^2 exp(-d^2/s^2), which pushes near-duplicate plans apart
+    and draws in those far beyond the group's own scale. The paper sums over j; the mean keeps one
+    `diversity` setting meaningful for any M. group_size: one size for all groups, or one per group.
     """
-    if group_size < 2:
-        return torch.zeros_like(x)
+    if isinstance(group_size, int):
+        if group_size < 2:
+            return torch.zeros_like(x)
+        return _repulsion_uniform(x, group_size)
+    out, start = torch.zeros_like(x), 0
+    for m in group_size:
+        if m >= 2:
+            out[start:start + m] = _repulsion_uniform(x[start:start + m], m)
+        start += m
+    return out
+
+
+def _repulsion_uniform(x: torch.Tensor, group_size: int) -> torch.Tensor:
     b = x.shape[0]
     flat = x.float().reshape(b // group_size, group_size, -1)
     diff = flat[:, :, None, :] - flat[:, None, :, :]  # [G, M, M, D]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .backends import Decoded, DecoderBackend, SamplingParams, TransformersBackend
+from .backends import Decoded, DecoderBackend, SamplingParams, StepObserver, TransformersBackend
 from .checkpoint import Checkpoint, load_checkpoint
 from .codec import build_inputs_embeds
 from .decoder import chat_prompt, load_decoder
@@ -73,22 +73,25 @@ class Reasoner:
     def prompt_embeds(self, prompt_ids: list[list[int]]) -> list[torch.Tensor]:
         return build_inputs_embeds(self.embed_tokens, prompt_ids)
 
-    def sample_plans(self, prompt_embeds: list[torch.Tensor], num_plans: int, *,
-                     generator: torch.Generator | None = None, sde: bool = False, **overrides) -> PlanSample:
+    def sample_plans(self, prompt_embeds: list[torch.Tensor], num_plans: int | list[int], *,
+                     generator: torch.Generator | None = None, sde: bool = False,
+                     init_noise: torch.Tensor | None = None, **overrides) -> PlanSample:
         """M plans for each question, all denoised as one batch (grad flows when RL asks for it)."""
         cond, mask = pad_embeds(prompt_embeds)
-        return self.checkpoint.policy.sample(cond, mask, num_plans, generator=generator, sde=sde, **overrides)
+        return self.checkpoint.policy.sample(cond, mask, num_plans, generator=generator, sde=sde,
+                                             init_noise=init_noise, **overrides)
 
     @torch.no_grad()
-    def decode(self, prompt_ids: list[list[int]], prompt_embeds: list[torch.Tensor], plans: torch.Tensor | None,
-               samples_per_plan: int, params: SamplingParams) -> list[list[Decoded]]:
+    def decode(self, prompt_embeds: list[torch.Tensor], plans: torch.Tensor | None, samples_per_plan: int | list[int],
+               params: SamplingParams | list[SamplingParams], observer: StepObserver | None = None,
+               ) -> list[list[Decoded]]:
         """N texts for each (prompt, plan) row; plans [B, L, d_z] aligned with the rows, or None."""
-        plan_embeds = self.checkpoint.codec.plan_embeds(plans) if plans is not None else None
-        if plan_embeds is None:
+        if plans is None:
             prefixes = prompt_embeds
         else:
+            plan_embeds = self.checkpoint.codec.plan_embeds(plans)
             prefixes = [torch.cat([e, p.to(e.dtype)]) for e, p in zip(prompt_embeds, plan_embeds)]
-        return self.backend.generate(prefixes, samples_per_plan, params)
+        return self.backend.generate(prefixes, samples_per_plan, params, observer)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], plans: int = 1, samples_per_plan: int = 1,
@@ -106,9 +109,8 @@ class Reasoner:
         if params.seed is not None:
             gen = torch.Generator().manual_seed(params.seed)
         sample = self.sample_plans(embeds, plans, generator=gen, **plan_overrides)
-        rows_ids = [i for i in ids for _ in range(plans)]
         rows_embeds = [e for e in embeds for _ in range(plans)]
-        decoded = self.decode(rows_ids, rows_embeds, sample.latents, samples_per_plan, params)
+        decoded = self.decode(rows_embeds, sample.latents, samples_per_plan, params)
         out = []
         for q in range(len(prompts)):
             comps = [Completion(d.text, m, d) for m in range(plans) for d in decoded[q * plans + m]]

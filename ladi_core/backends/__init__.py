@@ -1,4 +1,4 @@
-from .base import Decoded, DecoderBackend, SamplingParams
+from .base import Decoded, DecoderBackend, SamplingParams, StepObserver
 from .transformers import TransformersBackend
 
-__all__ = ["Decoded", "DecoderBackend", "SamplingParams", "TransformersBackend"]
+__all__ = ["Decoded", "DecoderBackend", "SamplingParams", "StepObserver", "TransformersBackend"]

@@ -5,6 +5,7 @@ A backend knows nothing of plans, policies or tasks; it decodes N continuations 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,7 +36,7 @@ class Decoded:
     text: str
     token_ids: list[int]
     logprob: float
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "abort"
     token_logprobs: list[float] = field(default_factory=list)
 
     @property
@@ -47,6 +48,14 @@ class Decoded:
         return self.logprob / max(1, len(self.token_ids))
 
 
+class StepObserver(Protocol):
+    """Sees each decoding step: streaming, cancellation and stop strings live here, not in backends."""
+
+    def on_step(self, row_offset: int, tokens: torch.Tensor, done: torch.Tensor) -> torch.Tensor | None:
+        """tokens/done: [rows] for rows row_offset.. (row = prefix * n + j). Returns rows to abort, or None."""
+        ...
+
+
 class DecoderBackend(Protocol):
     name: str
 
@@ -54,8 +63,10 @@ class DecoderBackend(Protocol):
         """The decoder's token-embedding module when it lives in this process (shared, not copied)."""
         ...
 
-    def generate(self, prefixes: list[torch.Tensor], n: int, params: SamplingParams) -> list[list[Decoded]]:
-        """n continuations for each prefix [T_i, hidden]; result[i][j] is continuation j of prefix i."""
+    def generate(self, prefixes: list[torch.Tensor], n: int, params: SamplingParams | Sequence[SamplingParams],
+                 observer: StepObserver | None = None) -> list[list[Decoded]]:
+        """n continuations for each prefix [T_i, hidden]; result[i][j] is continuation j of prefix i.
+        params: one for all prefixes, or one per prefix (requests batched together)."""
         ...
 
 

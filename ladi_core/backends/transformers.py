@@ -1,25 +1,36 @@
 """Decoder backend on plain transformers: batched prefill over left-padded prefix embeddings, the
-KV cache repeated n times (the n continuations share their prefix), then a token loop."""
+KV cache repeated n times (the n continuations share their prefix), then a token loop.
+
+Each prefix may carry its own SamplingParams (temperature, top_p, max_tokens, seed), so requests
+that arrive together decode in one batch; a seeded prefix draws from its own generator, so its
+samples do not depend on what it was batched with. An optional observer sees every step's tokens
+(streaming) and may abort rows (a client gone, a stop string reached).
+"""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from ..decoder import stop_token_ids
-from .base import Decoded, SamplingParams, apply_stop
+from .base import Decoded, SamplingParams, StepObserver, apply_stop
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row: greedy at temperature 0, else temperature + nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, -1)
-    if top_p < 1.0:
+def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                generators: list[tuple[slice, torch.Generator | None]]) -> torch.Tensor:
+    """One token per row. temperature/top_p: [rows]; rows at temperature 0 are greedy.
+    generators: row ranges and the generator each range draws from."""
+    greedy = logits.argmax(-1)
+    temp = temperature.clamp_min(1e-5)[:, None]
+    probs = torch.softmax(logits.float() / temp, -1)
+    if bool((top_p < 1.0).any()):
         sorted_p, idx = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p[:, None]  # keep the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    out = torch.empty_like(greedy)
+    for rows, gen in generators:
+        out[rows] = torch.multinomial(probs[rows], 1, generator=gen).squeeze(-1)
+    return torch.where(temperature == 0, greedy, out)
 
 
 class TransformersBackend:
@@ -29,75 +40,120 @@ class TransformersBackend:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_seqs = max_batch_seqs
-        self.stop_ids = torch.tensor(stop_token_ids(tokenizer))
         self.device = next(model.parameters()).device
+        self.stop_ids = torch.tensor(stop_token_ids(tokenizer), device=self.device)
 
     def input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
 
     @torch.inference_mode()
-    def generate(self, prefixes: list[torch.Tensor], n: int, params: SamplingParams) -> list[list[Decoded]]:
-        if n < 1:
+    def generate(self, prefixes: list[torch.Tensor], n: int | Sequence[int],
+                 params: SamplingParams | Sequence[SamplingParams],
+                 observer: StepObserver | None = None) -> list[list[Decoded]]:
+        if not prefixes:
+            return []
+        counts = [n] * len(prefixes) if isinstance(n, int) else list(n)
+        per_prefix = list(params) if isinstance(params, Sequence) else [params] * len(prefixes)
+        if len(per_prefix) != len(prefixes) or len(counts) != len(prefixes):
+            raise ValueError(f"{len(prefixes)} prefixes need as many SamplingParams and counts")
+        if min(counts) < 1:
             raise ValueError("n must be >= 1")
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        per_chunk = max(1, self.max_batch_seqs // n)
+        # One generator per seeded SamplingParams object, shared by the prefixes that carry it: a
+        # request's plans share one, two requests with equal seeds do not (each reproduces alone).
+        gens: dict[int, torch.Generator] = {}
+        for p in per_prefix:
+            if p.seed is not None and id(p) not in gens:
+                gens[id(p)] = torch.Generator(device=self.device).manual_seed(p.seed)
         out: list[list[Decoded]] = []
-        for start in range(0, len(prefixes), per_chunk):
-            out.extend(self._generate_chunk(prefixes[start:start + per_chunk], n, params, generator))
+        start, row = 0, 0
+        while start < len(prefixes):
+            end, rows = start + 1, counts[start]
+            while end < len(prefixes) and rows + counts[end] <= self.max_batch_seqs:
+                rows += counts[end]
+                end += 1
+            out.extend(self._generate_chunk(prefixes[start:end], counts[start:end], per_prefix[start:end], gens,
+                                            observer, row))
+            start, row = end, row + rows
         return out
 
-    def _generate_chunk(self, prefixes, n, params, generator) -> list[list[Decoded]]:
+    def _generate_chunk(self, prefixes, counts, params, gens, observer, row_offset) -> list[list[Decoded]]:
         b, hidden = len(prefixes), prefixes[0].shape[-1]
         t = max(p.shape[0] for p in prefixes)
-        dtype = self.model.dtype
-        embeds = torch.zeros(b, t, hidden, dtype=dtype, device=self.device)
-        mask = torch.zeros(b, t, dtype=torch.long, device=self.device)
+        dtype, dev = self.model.dtype, self.device
+        embeds = torch.zeros(b, t, hidden, dtype=dtype, device=dev)
+        mask = torch.zeros(b, t, dtype=torch.long, device=dev)
         for i, p in enumerate(prefixes):  # left padding: every row ends at the same column
-            embeds[i, t - p.shape[0]:] = p.to(device=self.device, dtype=dtype)
+            embeds[i, t - p.shape[0]:] = p.to(device=dev, dtype=dtype)
             mask[i, t - p.shape[0]:] = 1
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
                          logits_to_keep=1)
+        # the continuations of a prefix share its KV cache: repeat each prefix's cache rows
+        reps = torch.tensor(counts, device=dev)
         cache = out.past_key_values
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-        logits = out.logits[:, -1].repeat_interleave(n, 0)
-        mask = mask.repeat_interleave(n, 0)
-        next_pos = pos[:, -1].repeat_interleave(n, 0) + 1
-        rows = b * n
-        tokens = torch.full((rows, params.max_tokens), self.tokenizer.pad_token_id, dtype=torch.long)
-        logps = torch.zeros(rows, params.max_tokens)
-        lengths = torch.full((rows,), params.max_tokens, dtype=torch.long)
-        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        stop_ids = self.stop_ids.to(self.device)
-        for step in range(params.max_tokens):
-            tok = sample_next(logits, params.temperature, params.top_p, generator)
+        if int(reps.max()) > 1:
+            cache.batch_select_indices(torch.arange(b, device=dev).repeat_interleave(reps))
+        logits = out.logits[:, -1].repeat_interleave(reps, 0)
+        mask = mask.repeat_interleave(reps, 0)
+        next_pos = pos[:, -1].repeat_interleave(reps, 0) + 1
+
+        rows = int(reps.sum())
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        temperature = torch.tensor([p.temperature for p in params], device=dev).repeat_interleave(reps)
+        top_p = torch.tensor([p.top_p for p in params], device=dev).repeat_interleave(reps)
+        limit = torch.tensor([p.max_tokens for p in params], device=dev).repeat_interleave(reps)
+        # consecutive prefixes with the same generator draw together (rows are prefix-major)
+        groups: list[tuple[slice, torch.Generator | None]] = []
+        for i, p in enumerate(params):
+            gen = gens.get(id(p))
+            if groups and groups[-1][1] is gen:
+                groups[-1] = (slice(groups[-1][0].start, offsets[i + 1]), gen)
+            else:
+                groups.append((slice(offsets[i], offsets[i + 1]), gen))
+
+        max_steps = int(limit.max())
+        tokens = torch.full((rows, max_steps), self.tokenizer.pad_token_id, dtype=torch.long)
+        logps = torch.zeros(rows, max_steps)
+        lengths = limit.clone().cpu()
+        stopped = torch.zeros(rows, dtype=torch.bool, device=dev)  # ended by a stop token
+        aborted = torch.zeros(rows, dtype=torch.bool, device=dev)
+        done = torch.zeros(rows, dtype=torch.bool, device=dev)
+        for step in range(max_steps):
+            tok = sample_next(logits, temperature, top_p, groups)
             lp = torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
-            hit = torch.isin(tok, stop_ids) & ~done
+            hit = torch.isin(tok, self.stop_ids) & ~done
             lengths[hit.cpu()] = step
+            stopped |= hit
             tokens[:, step] = tok.cpu()
             logps[:, step] = lp.cpu()
             done |= hit
-            if bool(done.all()) or step == params.max_tokens - 1:
+            if observer is not None:
+                abort = observer.on_step(row_offset, tok, done)
+                if abort is not None:
+                    newly = abort.to(dev) & ~done
+                    lengths[newly.cpu()] = step + 1
+                    aborted |= newly
+                    done |= newly
+            done |= (step + 1) >= limit
+            if bool(done.all()):
                 break
-            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=self.device)], 1)
+            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=dev)], 1)
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                              past_key_values=cache, use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1]
             next_pos = next_pos + 1
+
         results: list[list[Decoded]] = []
-        for i in range(b):
+        for i, p in enumerate(params):
             group = []
-            for j in range(n):
-                r = i * n + j
+            for r in range(offsets[i], offsets[i + 1]):
                 ln = int(lengths[r])
                 ids = tokens[r, :ln].tolist()
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                text, stopped = apply_stop(text, params.stop)
-                finish = "stop" if (stopped or bool(done[r])) else "length"
-                lps = logps[r, : ln + (1 if bool(done[r]) else 0)].tolist()
+                text, cut = apply_stop(self.tokenizer.decode(ids, skip_special_tokens=True), p.stop)
+                finish = "stop" if (cut or bool(stopped[r])) else "abort" if bool(aborted[r]) else "length"
+                lps = logps[r, : ln + int(bool(stopped[r]))].tolist()
                 group.append(Decoded(text, ids, float(sum(lps)), finish, lps))
             results.append(group)
         return results

@@ -13,14 +13,15 @@ class PlanSample:
     log-probabilities are kept (RL re-scores them); plain sampling keeps neither."""
 
     latents: torch.Tensor  # [Q * M, L, d_z], normalised latent space
-    group_size: int
+    group_size: int | list[int]  # plans per question: one count, or one per question
     log_probs: torch.Tensor | None = None  # [Q * M, steps]
     trajectory: torch.Tensor | None = None  # [steps + 1, Q * M, L, d_z]
     sigmas: torch.Tensor | None = None  # [steps + 1]
 
 
 class LatentPolicy(Protocol):
-    def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, num_plans: int, *,
-               generator: torch.Generator | None = None, sde: bool = False, **overrides) -> PlanSample:
+    def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, num_plans: int | list[int], *,
+               generator: torch.Generator | None = None, sde: bool = False,
+               init_noise: torch.Tensor | None = None, **overrides) -> PlanSample:
         """cond [Q, T, hidden]: the question's prompt embeddings (padded), cond_mask [Q, T] True = real."""
         ...

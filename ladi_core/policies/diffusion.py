@@ -113,21 +113,29 @@ class DiffusionPolicy(nn.Module):
         v_cond, v_uncond = v.chunk(2)
         return v_uncond + guidance * (v_cond - v_uncond)
 
-    def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, num_plans: int, *,
-               generator: torch.Generator | None = None, sde: bool = False, **overrides) -> PlanSample:
-        """`num_plans` plans per question, all questions denoised as one batch.
+    def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, num_plans: int | list[int], *,
+               generator: torch.Generator | None = None, sde: bool = False, init_noise: torch.Tensor | None = None,
+               **overrides) -> PlanSample:
+        """`num_plans` plans per question (one count for all, or one per question), denoised as one batch.
 
         sde=False: Euler ODE. sde=True: Flow-GRPO steps; keeps the trajectory and log-probs.
+        init_noise: the starting point x_1 per plan row (a server draws it from each request's seed).
         overrides: any SamplerConfig field (steps, guidance, diversity, noise_level, ...).
         """
-        if num_plans < 1:
-            raise ValueError(f"num_plans must be >= 1, got {num_plans}")
+        counts = [num_plans] * cond.shape[0] if isinstance(num_plans, int) else list(num_plans)
+        if len(counts) != cond.shape[0] or min(counts) < 1:
+            raise ValueError(f"need one plan count >= 1 per question, got {num_plans}")
         sc = replace(self.sampler, **{k: v for k, v in overrides.items() if v is not None})
-        m = num_plans
-        cond = cond.repeat_interleave(m, 0)
-        cond_mask = cond_mask.repeat_interleave(m, 0)
+        reps = torch.tensor(counts, device=cond.device)
+        cond = cond.repeat_interleave(reps, 0)
+        cond_mask = cond_mask.repeat_interleave(reps, 0)
         shape = (cond.shape[0], self.cfg.latent_tokens, self.cfg.latent_dim)
-        x = torch.randn(shape, generator=generator, device=cond.device) * sc.init_noise_scale
+        if init_noise is None:
+            init_noise = torch.randn(shape, generator=generator, device=cond.device)
+        elif tuple(init_noise.shape) != shape:
+            raise ValueError(f"init_noise has shape {tuple(init_noise.shape)}, expected {shape}")
+        x = init_noise.to(cond.device) * sc.init_noise_scale
+        group = counts[0] if len(set(counts)) == 1 else counts
         sigmas = flow.sigma_schedule(sc.steps, sc.shift)
         traj, logps = [x], []
         for i in range(sc.steps):
@@ -135,7 +143,7 @@ class DiffusionPolicy(nn.Module):
             v = self.velocity(x, sig, cond, cond_mask, sc.guidance)
             if sc.diversity:
                 # v points towards noise and dt < 0: subtracting g moves the plans apart.
-                v = v - sc.diversity * sig * flow.repulsion(x, m)
+                v = v - sc.diversity * sig * flow.repulsion(x, group)
             if sde:
                 x, lp, _, _ = flow.sde_step(x, v, sig, nxt, sc.noise_level, generator)
                 logps.append(lp)
@@ -143,5 +151,5 @@ class DiffusionPolicy(nn.Module):
             else:
                 x = flow.ode_step(x, v, sig, nxt)
         if not sde:
-            return PlanSample(x, m)
-        return PlanSample(x, m, torch.stack(logps, 1), torch.stack(traj), sigmas)
+            return PlanSample(x, group)
+        return PlanSample(x, group, torch.stack(logps, 1), torch.stack(traj), sigmas)
