@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CHECKPOINT ?= checkpoints/demo
 
-.PHONY: venv serve test demo-sft demo-eval clean
+.PHONY: venv serve test prometheus demo-sft demo-eval clean
 
 venv: $(STAMP)
 
@@ -21,9 +21,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/python -m training.demo --checkpoint $(CHECKPOINT)
+	$(BIN)/python -m server --checkpoint $(CHECKPOINT) $(ARGS)
 
-test: $(STAMP)
+# The dashboard test scrapes a live server with a real Prometheus (Debian's package).
+prometheus:
+	@command -v prometheus >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; }
+
+test: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q
 
 demo-sft: $(STAMP)

@@ -1,6 +1,7 @@
 """Shared fixtures. The smoke pipeline (all three supervised stages on the tiny preset) runs once per
 session; the checkpoint, generation and evaluation tests read what it wrote."""
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,16 @@ torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
-    """Runs `python -m training.sft --preset smoke` in-process; returns the latent checkpoint path."""
+    """Runs `python -m training.sft --preset smoke` in-process; returns the latent checkpoint path.
+
+    LADI_SMOKE_DIR (a developer's shortcut, never set in CI) reuses a smoke run kept there."""
     from training import sft
 
-    out = tmp_path_factory.mktemp("smoke") / "ckpt"
-    sft.main(["--task", "countdown", "--preset", "smoke", "--out", str(out), "--seed", "0"])
+    keep = os.environ.get("LADI_SMOKE_DIR")
+    out = Path(keep) / "ckpt" if keep else tmp_path_factory.mktemp("smoke") / "ckpt"
+    if not (keep and (out / "ladi.json").is_file()):
+        shutil.rmtree(out.with_name("ckpt.work"), ignore_errors=True)
+        sft.main(["--task", "countdown", "--preset", "smoke", "--out", str(out), "--seed", "0"])
     return out
 
 

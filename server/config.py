@@ -1,0 +1,38 @@
+"""Typed server configuration: where the model comes from, how it is served, and every limit."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Limits(BaseModel):
+    """Per-request bounds; anything beyond them is a 400, never a 500 or an out-of-memory worker."""
+
+    max_n: int = Field(16, ge=1)
+    max_best_of: int = Field(64, ge=1)
+    max_latent_plans: int = Field(64, ge=1)
+    max_samples_per_plan: int = Field(16, ge=1)
+    max_sequences: int = Field(256, ge=1, description="latent_plans x samples_per_plan (or best_of) per request")
+    max_tokens: int = Field(256, ge=1)
+    max_prompt_tokens: int = Field(1024, ge=1)
+    max_denoising_steps: int = Field(200, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_stop_strings: int = Field(4, ge=0)
+
+
+class ServerConfig(BaseModel):
+    checkpoint: str = "checkpoints/demo"
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None  # default: the checkpoint directory's name
+    device: str = "cpu"
+    limits: Limits = Limits()
+    max_queue: int = Field(256, ge=1, description="waiting requests beyond this get 429")
+    max_batch_requests: int = Field(32, ge=1, description="requests denoised and decoded together")
+    max_batch_sequences: int = Field(1024, ge=1, description="decoder rows in one batch")
+    batch_window_ms: float = Field(5.0, ge=0, description="how long the scheduler waits for company")
+    default_max_tokens: int = 128
+    log_level: str = "info"

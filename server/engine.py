@@ -1,0 +1,283 @@
+"""The scheduler between HTTP and the model: a bounded queue and one worker thread that batches
+requests arriving together. A batch's plans are denoised in one policy pass and all its (plan,
+sample) rows decoded in one backend call; per-request seeds keep results independent of company.
+
+Events flow back to each request's asyncio queue: ("delta", candidate, text) while decoding (for
+streaming), then ("done", candidates) or ("error", exception). A request whose client left is
+marked cancelled: its rows are aborted at the next decoding step.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ladi_core.backends import Decoded, SamplingParams
+from ladi_core.generation import Reasoner
+
+from .metrics import ServerMetrics
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Candidate:
+    text: str
+    plan_index: int | None
+    decoded: Decoded
+
+    @property
+    def finish_reason(self) -> str:
+        return self.decoded.finish_reason
+
+
+@dataclass(eq=False)  # identity semantics: jobs are keys
+class Job:
+    """One prompt's worth of work: `plans` x `samples_per_plan` candidates, plan-major."""
+
+    prompt_ids: list[int]
+    plans: int
+    samples_per_plan: int
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    overrides: dict = field(default_factory=dict)  # steps / guidance / diversity
+    stream: bool = False
+    mode: str = "sample"
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    latent_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return self.plans * self.samples_per_plan
+
+    def emit(self, event: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the request's event loop is gone (server shutting down)
+            self.cancelled.set()
+
+
+class _RowTracker:
+    """The backend's step observer for one batch: streams text deltas, applies stop strings early,
+    and aborts the rows of cancelled requests."""
+
+    def __init__(self, tokenizer, row_job: list[Job], row_cand: list[int]):
+        self.tok = tokenizer
+        self.row_job, self.row_cand = row_job, row_cand
+        self.ids: dict[int, list[int]] = {}
+        self.sent: dict[int, int] = {}
+        self.finished: set[int] = set()
+
+    def on_step(self, row_offset: int, tokens: torch.Tensor, done: torch.Tensor):
+        now = time.monotonic()
+        toks, dn = tokens.tolist(), done.tolist()
+        abort = [False] * len(toks)
+        for i, (t, d) in enumerate(zip(toks, dn)):
+            r = row_offset + i
+            if r in self.finished:
+                continue
+            job = self.row_job[r]
+            if job.first_token_at is None:
+                job.first_token_at = now
+            if job.cancelled.is_set():
+                abort[i] = True
+                self.finished.add(r)
+                continue
+            if d:  # a stop token: nothing to show
+                self.finished.add(r)
+                continue
+            stop = job.params.stop
+            if not job.stream and not stop:
+                continue
+            ids = self.ids.setdefault(r, [])
+            ids.append(t)
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            hit = min((k for k in (text.find(s) for s in stop) if k >= 0), default=-1)
+            if hit >= 0:
+                text, abort[i] = text[:hit], True
+                self.finished.add(r)
+                safe = len(text)
+            else:  # hold back what could still become a stop string, and half-decoded characters
+                safe = len(text) - (max((len(s) for s in stop), default=1) - 1)
+                while safe > 0 and text[safe - 1] == "\ufffd":
+                    safe -= 1
+            sent = self.sent.get(r, 0)
+            if job.stream and safe > sent:
+                job.emit(("delta", self.row_cand[r], text[sent:safe]))
+                self.sent[r] = safe
+        return torch.tensor(abort) if any(abort) else None
+
+    def flush(self, r: int, final_text: str) -> None:
+        job = self.row_job[r]
+        sent = self.sent.get(r, 0)
+        if job.stream and len(final_text) > sent:
+            job.emit(("delta", self.row_cand[r], final_text[sent:]))
+
+
+class Engine:
+    def __init__(self, reasoner: Reasoner, metrics: ServerMetrics, *, max_queue: int = 256,
+                 max_batch_requests: int = 32, max_batch_sequences: int = 1024, batch_window_ms: float = 5.0):
+        self.reasoner = reasoner
+        self.metrics = metrics
+        self.max_batch_requests = max_batch_requests
+        self.max_batch_sequences = max_batch_sequences
+        self.window = batch_window_ms / 1000
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._carry: deque[Job] = deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._worker, name="ladi-engine", daemon=True)
+        self.running = 0
+
+    # --- called from the event loop ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"the server is at capacity ({self._queue.maxsize} requests waiting)") from None
+        self.metrics.waiting.set(self.waiting)
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize() + len(self._carry)
+
+    # --- the worker thread --------------------------------------------------------------------------
+    def _next_batch(self) -> list[Job]:
+        first = self._carry.popleft() if self._carry else self._queue.get(timeout=0.1)
+        batch, rows = [first], first.rows
+        deadline = time.monotonic() + self.window
+        while len(batch) < self.max_batch_requests:
+            if self._carry:
+                job = self._carry.popleft()
+            else:
+                left = deadline - time.monotonic()
+                try:
+                    job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if rows + job.rows > self.max_batch_sequences:
+                self._carry.appendleft(job)
+                break
+            batch.append(job)
+            rows += job.rows
+        return batch
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self._next_batch()
+            except queue.Empty:
+                continue
+            live = []
+            for job in batch:
+                if job.cancelled.is_set():
+                    job.emit(("error", asyncio.CancelledError()))
+                else:
+                    live.append(job)
+            self.metrics.waiting.set(self.waiting)
+            if not live:
+                continue
+            self.running = len(live)
+            self.metrics.running.set(self.running)
+            self.metrics.batch_requests.observe(len(live))
+            try:
+                results = self._run(live)
+                for job, cands in zip(live, results):
+                    job.emit(("done", cands))
+            except Exception as err:  # one bad batch must not kill the worker
+                for job in live:
+                    job.emit(("error", err))
+            finally:
+                self.running = 0
+                self.metrics.running.set(0)
+
+    @torch.inference_mode()
+    def _run(self, jobs: list[Job]) -> list[list[Candidate]]:
+        r = self.reasoner
+        t0 = time.monotonic()
+        embeds = r.prompt_embeds([j.prompt_ids for j in jobs])
+        row_embeds, row_plans, counts, params, row_job, row_cand, row_plan_idx = [], [], [], [], [], [], []
+        if r.is_latent:
+            latents = self._sample_plans(jobs, embeds)
+            for j, (job, e) in enumerate(zip(jobs, embeds)):
+                for m in range(job.plans):
+                    row_embeds.append(e)
+                    row_plans.append(latents[j][m])
+                    counts.append(job.samples_per_plan)
+                    params.append(job.params)
+                    row_plan_idx.append(m)
+        else:
+            for job, e in zip(jobs, embeds):
+                row_embeds.append(e)
+                counts.append(job.rows)
+                params.append(job.params)
+                row_plan_idx.append(None)
+        t1 = time.monotonic()
+        # every decoded sequence (row of the backend) maps back to its job and candidate index
+        prefix_job = [job for job in jobs for _ in range(job.plans if r.is_latent else 1)]
+        prefix_base = []
+        seen: dict[int, int] = {}
+        for job, c in zip(prefix_job, counts):
+            prefix_base.append(seen.get(id(job), 0))
+            seen[id(job)] = seen.get(id(job), 0) + c
+        for job, c, base in zip(prefix_job, counts, prefix_base):
+            row_job.extend([job] * c)
+            row_cand.extend(range(base, base + c))
+        tracker = _RowTracker(r.tokenizer, row_job, row_cand)
+        decoded = r.decode(row_embeds, torch.stack(row_plans) if row_plans else None, counts, params, tracker)
+        t2 = time.monotonic()
+
+        out: dict[int, list[Candidate]] = {id(j): [] for j in jobs}
+        row = 0
+        for job, plan_idx, group in zip(prefix_job, row_plan_idx, decoded):
+            for d in group:
+                tracker.flush(row, d.text)
+                out[id(job)].append(Candidate(d.text, plan_idx, d))
+                row += 1
+        n_plans = sum(j.plans for j in jobs) if r.is_latent else 0
+        self.metrics.plans.inc(n_plans)
+        self.metrics.generation_tokens.inc(sum(len(c.decoded.token_ids) for cs in out.values() for c in cs))
+        for job in jobs:
+            job.latent_s, job.decode_s = t1 - t0, t2 - t1
+        if r.is_latent:
+            self.metrics.latent_seconds.observe(t1 - t0)
+        self.metrics.decode_seconds.observe(t2 - t1)
+        return [out[id(j)] for j in jobs]
+
+    def _sample_plans(self, jobs: list[Job], embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each request's plans from its own seed; requests with the same sampler settings share a pass."""
+        codec_cfg = self.reasoner.checkpoint.codec.cfg
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(tuple(sorted(job.overrides.items())), []).append(i)
+        latents: list[torch.Tensor | None] = [None] * len(jobs)
+        for key, idxs in groups.items():
+            noise = []
+            for i in idxs:
+                job = jobs[i]
+                gen = torch.Generator().manual_seed(job.params.seed) if job.params.seed is not None else None
+                noise.append(torch.randn(job.plans, codec_cfg.latent_tokens, codec_cfg.latent_dim, generator=gen))
+            sample = self.reasoner.sample_plans([embeds[i] for i in idxs], [jobs[i].plans for i in idxs],
+                                                init_noise=torch.cat(noise), **dict(key))
+            start = 0
+            for i in idxs:
+                latents[i] = sample.latents[start:start + jobs[i].plans]
+                start += jobs[i].plans
+        return latents  # type: ignore[return-value]

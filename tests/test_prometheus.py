@@ -1,0 +1,91 @@
+"""A real Prometheus scrapes a live server; every query of the Grafana dashboard must return data."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .live import free_port
+from .test_server import REF, Q, start
+
+pytestmark = pytest.mark.slow
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "ladi-dashboard.json"
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+
+
+def test_dashboard_is_well_formed():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] and dash["panels"]
+    titles = " ".join(p["title"] for p in dash["panels"]).lower()
+    for topic in ("request rate", "latency", "first token", "tokens/s", "plans/s", "decode", "queue", "error",
+                  "gpu"):
+        assert topic in titles, topic
+
+
+@pytest.fixture(scope="module")
+def prometheus_bin():
+    path = shutil.which("prometheus")
+    if path is None:
+        pytest.fail("prometheus is not installed: `make test` installs it (apt-get install prometheus)")
+    return path
+
+
+def test_every_dashboard_query_returns_data(latent_ckpt, prometheus_bin, tmp_path):
+    with start(latent_ckpt) as live:
+        port = free_port()
+        target = live.url.removeprefix("http://")
+        (tmp_path / "prometheus.yml").write_text(
+            "global:\n  scrape_interval: 1s\n"
+            f"scrape_configs:\n  - job_name: ladi\n    static_configs:\n      - targets: ['{target}']\n")
+        proc = subprocess.Popen(
+            [prometheus_bin, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            api = f"http://127.0.0.1:{port}/api/v1"
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+            # traffic across several scrapes: plain, ranked and failing requests, some concurrent
+            stop = time.time() + 8
+
+            def load(i):
+                while time.time() < stop:
+                    body = {"messages": [{"role": "user", "content": Q}], "n": 2, "max_tokens": 16,
+                            "mode": ["sample", "best_of_n", "pass_at_k"][i % 3], "reference": REF}
+                    httpx.post(live.url + "/v1/chat/completions", json=body, timeout=30)
+                    httpx.post(live.url + "/v1/chat/completions", json={"n": 0}, timeout=30)  # a 400
+
+            threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            time.sleep(2.5)  # last scrapes
+            targets = httpx.get(f"{api}/targets").json()["data"]["activeTargets"]
+            assert targets and targets[0]["health"] == "up", targets
+            for title, expr in dashboard_queries():
+                q = expr.replace("$__rate_interval", "20s")
+                r = httpx.get(f"{api}/query", params={"query": q}).json()
+                assert r["status"] == "success", (title, q, r)
+                result = r["data"]["result"]
+                assert result, f"no data for panel {title!r}: {q}"
+                values = [float(s["value"][1]) for s in result]
+                assert any(v == v for v in values), f"only NaN for panel {title!r}: {q}"  # not all NaN
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)

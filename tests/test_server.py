@@ -1,0 +1,309 @@
+"""The server, live on localhost, driven by the official OpenAI SDK (and raw httpx for the abuse)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from math import comb
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from ladi_core.generation import Reasoner
+from server.app import create_app
+from server.config import Limits, ServerConfig
+from server.engine import Engine, Job, QueueFull
+from server.metrics import ServerMetrics
+
+from .live import LiveServer
+
+pytestmark = pytest.mark.slow
+Q = "Use 3 4 5 2 to make 23."
+REF = {"numbers": [2, 3, 4, 5], "target": 23}
+LIMITS = Limits(max_n=8, max_best_of=16, max_latent_plans=16, max_tokens=64, max_body_bytes=200_000)
+
+
+def start(ckpt, **cfg):
+    cfg.setdefault("limits", LIMITS)
+    app = create_app(ServerConfig(checkpoint=str(ckpt), **cfg), Reasoner.from_checkpoint(ckpt))
+    return LiveServer(app)
+
+
+@pytest.fixture(scope="module")
+def live(latent_ckpt):
+    with start(latent_ckpt, served_model_name="ladi-demo") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def live_token(token_ckpt):
+    with start(token_ckpt) as s:
+        yield s
+
+
+@pytest.fixture
+def client(live):
+    return OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+
+
+def ask(client, **kw):
+    kw.setdefault("max_tokens", 32)
+    return client.chat.completions.create(model="ladi-demo", messages=[{"role": "user", "content": Q}], **kw)
+
+
+def metric(url: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def assert_still_serving(client):
+    r = ask(client, n=1, max_tokens=4)
+    assert len(r.choices) == 1
+
+
+# --- the happy paths ---------------------------------------------------------------------------------
+def test_health_version_models(live, client):
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+    v = httpx.get(live.url + "/version").json()
+    assert v["checkpoint"]["kind"] == "latent" and "training.sft" in v["checkpoint"]["made_by"]
+    models = client.models.list().data
+    assert [m.id for m in models] == ["ladi-demo"]
+
+
+def test_chat_n_choices_come_from_distinct_plans(client):
+    r = ask(client, n=4, seed=3)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert sorted(c.plan_index for c in r.choices) == [0, 1, 2, 3]
+    for c in r.choices:
+        assert isinstance(c.message.content, str) and c.finish_reason in ("stop", "length")
+        assert c.score is not None and c.verified is None
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
+    assert r.model_extra["ladi"]["latent_plans"] == 4
+
+
+def test_completions_endpoint(client):
+    r = client.completions.create(model="ladi-demo", prompt=["12+", "3*"], n=2, max_tokens=8, seed=1)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert all(isinstance(c.text, str) for c in r.choices)
+
+
+def test_extra_body_parameters(client):
+    r = ask(client, n=4, seed=0, extra_body={"latent_plans": 2, "samples_per_plan": 2, "denoising_steps": 4,
+                                             "guidance_scale": 2.0, "diversity": 0.5, "user_tag": "ignored"})
+    assert sorted(c.plan_index for c in r.choices) == [0, 0, 1, 1]
+    assert r.choices[0].plan_index != r.choices[1].plan_index  # spread: the first two from two plans
+
+
+def test_seed_reproduces(client):
+    a = [c.message.content for c in ask(client, n=3, seed=42).choices]
+    b = [c.message.content for c in ask(client, n=3, seed=42).choices]
+    c = [c.message.content for c in ask(client, n=3, seed=43).choices]
+    assert a == b and a != c
+
+
+def test_stop_strings(client):
+    r = ask(client, n=3, seed=1, stop=["="], max_tokens=40)
+    for c in r.choices:
+        assert "=" not in c.message.content
+
+
+def test_best_of_n_ranks_by_likelihood_and_majority(client):
+    r = ask(client, n=2, seed=5, extra_body={"mode": "best_of_n", "best_of": 8, "verifier": "likelihood"})
+    assert len(r.choices) == 2 and r.choices[0].score >= r.choices[1].score
+    assert r.usage.completion_tokens > 0
+    r = ask(client, n=1, seed=5, extra_body={"mode": "best_of_n", "best_of": 8})  # majority by default
+    assert 0.0 <= r.choices[0].score <= 1.0
+
+
+def test_best_of_n_with_reference_uses_the_verifier(client):
+    r = ask(client, n=3, seed=2, extra_body={"mode": "best_of_n", "best_of": 6, "reference": REF})
+    assert all(c.verified in (True, False) for c in r.choices)
+    assert [c.score for c in r.choices] == sorted((c.score for c in r.choices), reverse=True)
+
+
+def test_pass_at_k(client):
+    r = ask(client, n=4, seed=9, extra_body={"mode": "pass_at_k", "reference": REF})
+    pak = r.model_extra["pass_at_k"]
+    assert pak["samples"] == 4 and pak["correct"] == sum(c.verified for c in r.choices)
+    assert sorted(c.plan_index for c in r.choices) == [0, 1, 2, 3]
+    for k in range(1, 5):
+        expected = 1 - comb(4 - pak["correct"], k) / comb(4, k)
+        assert pak["pass_at"][str(k)] == pytest.approx(expected)
+
+
+def test_streaming_matches_the_non_streamed_answer(client):
+    full = ask(client, n=2, seed=7, max_tokens=30)
+    stream = ask(client, n=2, seed=7, max_tokens=30, stream=True, stream_options={"include_usage": True})
+    texts, finish, usage = {0: "", 1: ""}, {}, None
+    for chunk in stream:
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+        if chunk.usage:
+            usage = chunk.usage
+    assert [texts[0], texts[1]] == [c.message.content for c in full.choices]
+    assert set(finish) == {0, 1}
+    assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_streaming_ranked_modes(client):
+    stream = ask(client, n=2, seed=4, stream=True, extra_body={"mode": "pass_at_k", "reference": REF})
+    chunks = list(stream)
+    assert {ch.index for c in chunks for ch in c.choices} == {0, 1}
+    assert any((c.model_extra or {}).get("pass_at_k") for c in chunks)
+
+
+def test_token_level_checkpoint_serves_the_same_modes(live_token):
+    c = OpenAI(base_url=live_token.url + "/v1", api_key="x", max_retries=0)
+    model = c.models.list().data[0].id
+    for extra in ({}, {"mode": "best_of_n", "best_of": 4}, {"mode": "pass_at_k", "reference": REF}):
+        r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": Q}], n=2, max_tokens=16,
+                                      extra_body=extra)
+        assert len(r.choices) == 2 and all(ch.plan_index is None for ch in r.choices)
+
+
+def test_concurrent_requests_are_batched(live, client):
+    before_sum = metric(live.url, "ladi:batch_size_requests_sum")
+    before_n = metric(live.url, "ladi:batch_size_requests_count")
+
+    async def burst():
+        ac = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        return await asyncio.gather(*(ac.chat.completions.create(
+            model="ladi-demo", messages=[{"role": "user", "content": Q}], n=2, max_tokens=24, seed=i)
+            for i in range(12)))
+
+    results = asyncio.run(burst())
+    assert all(len(r.choices) == 2 for r in results)
+    requests = metric(live.url, "ladi:batch_size_requests_sum") - before_sum
+    batches = metric(live.url, "ladi:batch_size_requests_count") - before_n
+    assert requests == 12 and batches < 12  # some arrived together and shared a batch
+
+
+def test_seeded_result_does_not_depend_on_company(live, client):
+    alone = [c.message.content for c in ask(client, n=2, seed=123).choices]
+
+    async def crowd():
+        ac = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        return await asyncio.gather(*(ac.chat.completions.create(
+            model="ladi-demo", messages=[{"role": "user", "content": Q}], n=2, max_tokens=32, seed=123 if i == 3 else i)
+            for i in range(8)))
+
+    crowded = asyncio.run(crowd())[3]
+    assert [c.message.content for c in crowded.choices] == alone
+
+
+# --- errors: each a clear 4xx, and the server keeps serving --------------------------------------------
+def raw(live, body, headers=None, path="/v1/chat/completions"):
+    return httpx.post(live.url + path, content=body, headers={"content-type": "application/json", **(headers or {})},
+                      timeout=30)
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (json.dumps({"messages": "hello"}).encode(), 400, "messages"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "n": "3"}).encode(), 400, "n"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "temperature": "hot"}).encode(), 400, "temperature"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "n": 0}).encode(), 400, "n"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "n": 10**6}).encode(), 400, "n"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "max_tokens": 100000}).encode(), 400, "max_tokens"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "temperature": 9}).encode(), 400, "temperature"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "mode": "oracle"}).encode(), 400, "mode"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "mode": "pass_at_k"}).encode(), 400, "reference"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "verifier": "astrology"}).encode(), 400, "verifier"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "latent_plans": 10**9}).encode(), 400, "latent_plans"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "best_of": 2, "n": 4, "mode": "best_of_n"}).encode(),
+     400, "best_of"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "denoising_steps": 0}).encode(), 400, "denoising_steps"),
+    (json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}).encode(), 400, "messages"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "seed": -1}).encode(), 400, "seed"),
+    (json.dumps({"messages": [{"role": "user", "content": Q}], "model": "gpt-7"}).encode(), 404, "model"),
+])
+def test_bad_requests_get_clear_errors(live, client, body, status, param):
+    r = raw(live, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if param is not None:
+        assert err["param"] == param or (err["param"] or "").startswith(param)
+    assert_still_serving(client)
+
+
+def test_sdk_raises_the_matching_exceptions(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": Q}])
+    with pytest.raises(openai.BadRequestError):
+        ask(client, n=0)
+
+
+def test_huge_body_is_413(live, client):
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * (10 * 2**20)}]}).encode()
+    r = raw(live, big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert_still_serving(client)
+
+
+def test_unknown_route_and_method(live):
+    r = httpx.get(live.url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(live.url + "/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_client_disconnecting_mid_stream_stops_its_generation(live, client):
+    gone_before = metric(live.url, "ladi:requests_total", status="499")
+    body = {"messages": [{"role": "user", "content": Q}], "n": 8, "max_tokens": 64, "stream": True,
+            "extra_body_ignored": 1}
+    with httpx.Client(timeout=30) as h, h.stream("POST", live.url + "/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert got[0].startswith("data: ")
+    deadline = time.time() + 15
+    while metric(live.url, "ladi:requests_total", status="499") == gone_before and time.time() < deadline:
+        time.sleep(0.2)
+    assert metric(live.url, "ladi:requests_total", status="499") == gone_before + 1
+    assert_still_serving(client)
+
+
+def test_api_key(latent_ckpt):
+    with start(latent_ckpt, api_key="sesame") as s:
+        c = OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            c.models.list()
+        assert httpx.get(s.url + "/v1/models").status_code == 401  # no key at all
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": Q}]})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        ok = OpenAI(base_url=s.url + "/v1", api_key="sesame", max_retries=0)
+        assert ok.chat.completions.create(model=ok.models.list().data[0].id, max_tokens=4,
+                                          messages=[{"role": "user", "content": Q}]).choices
+        assert httpx.get(s.url + "/health").status_code == 200  # probes need no key
+
+
+def test_bounded_queue_refuses_when_full(latent_reasoner):
+    engine = Engine(latent_reasoner, ServerMetrics("t"), max_queue=2)  # not started: nothing drains
+    loop = asyncio.new_event_loop()
+    from ladi_core.backends import SamplingParams
+
+    make = lambda: Job([1, 2, 3], 1, 1, SamplingParams(), loop)  # noqa: E731
+    engine.submit(make())
+    engine.submit(make())
+    with pytest.raises(QueueFull):
+        engine.submit(make())
+    loop.close()
+
+
+def test_metrics_exported(live, client):
+    ask(client, n=2)
+    text = httpx.get(live.url + "/metrics").text
+    for name in ("ladi:requests_total", "ladi:e2e_request_latency_seconds_bucket", "ladi:time_to_first_token_seconds",
+                 "ladi:latent_sampling_seconds", "ladi:decode_seconds", "ladi:prompt_tokens_total",
+                 "ladi:generation_tokens_total", "ladi:plans_sampled_total", "ladi:num_requests_running",
+                 "ladi:num_requests_waiting"):
+        assert name in text, name
+    assert metric(live.url, "ladi:plans_sampled_total") > 0
