@@ -20,11 +20,13 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
     && pip install '.[cpu]' \
     && pip uninstall -y torchvision torchaudio torchcodec
 EXPOSE 8000
-HEALTHCHECK --interval=10s --retries=12 CMD python -c "import urllib.request; urllib.request.urlopen('http://localhost:8000/health')"
+HEALTHCHECK --interval=10s --retries=12 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://localhost:8000/health')"]
 CMD ["python", "-m", "server", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS gpu
 RUN pip install '.[gpu]'
 EXPOSE 8000
-HEALTHCHECK --interval=10s --retries=12 CMD python -c "import urllib.request; urllib.request.urlopen('http://localhost:8000/health')"
+HEALTHCHECK --interval=10s --retries=12 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://localhost:8000/health')"]
 CMD ["python", "-m", "server", "--host", "0.0.0.0", "--port", "8000", "--device", "cuda"]
