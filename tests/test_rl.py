@@ -1,0 +1,185 @@
+"""RL: objectives on hand-made numbers, the on-policy first step, a real policy step on the smoke
+checkpoint, the trainer end to end for both algorithms, --resume, and a 2-process DDP run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ladi_core.checkpoint import load_checkpoint, read_config
+from ladi_core.generation import pad_embeds
+from ladi_core.policies import DiffusionPolicy, DiffusionPolicyConfig, SamplerConfig
+from training import rl
+from training.algos.common import clipped_surrogate, group_advantages
+from training.algos.grpo import grpo_loss
+from training.algos.ladi import ladi_loss, rescore
+
+
+def test_group_advantages_on_hand_made_numbers():
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]]))
+    assert torch.allclose(adv[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5)
+    assert torch.equal(adv[1], torch.zeros(4))  # no preference inside a uniform group
+    assert group_advantages(torch.tensor([[0.0, 0.0, 0.0, 10.0]]), clip=1.0).max() == 1.0
+
+
+def test_clipped_surrogate_on_hand_made_numbers():
+    ratio = torch.tensor([1.5, 0.5, 0.5, 1.5, 1.1])
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0])
+    loss, stats = clipped_surrogate(ratio.log(), torch.zeros(5), adv, clip=0.2)
+    assert torch.allclose(loss, torch.tensor([-1.2, -0.5, 0.8, 1.5, -1.1]))
+    assert stats["clip_frac"] == pytest.approx(0.8)
+
+
+def test_grpo_normalisations():
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    adv = torch.tensor([1.0, -2.0])
+    l_grpo, _ = grpo_loss(logp, logp, adv, mask, 0.2, "grpo")
+    l_dr, _ = grpo_loss(logp, logp, adv, mask, 0.2, "dr_grpo", max_new_tokens=4)
+    assert l_grpo.item() == pytest.approx((-1.0 + 2.0) / 2)  # per-sequence means, then the mean
+    assert l_dr.item() == pytest.approx((-3.0 + 2.0) / (2 * 4))  # token sum over a constant
+    with pytest.raises(ValueError):
+        grpo_loss(logp, logp, adv, mask, 0.2, "nope")
+
+
+def test_grpo_first_step_gradient_is_the_policy_gradient():
+    w = torch.randn(4, 3, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    adv = torch.tensor([0.5, -1.0, 2.0, -1.5])
+    logp = torch.log_softmax(w, -1) * mask
+    loss, _ = grpo_loss(logp, logp.detach(), adv, mask, 0.2, "grpo")
+    (g,) = torch.autograd.grad(loss, w)
+    logp2 = torch.log_softmax(w, -1) * mask
+    pg = -((adv[:, None] * logp2).sum(-1) / mask.sum(-1)).mean()
+    (g2,) = torch.autograd.grad(pg, w)
+    assert torch.allclose(g, g2, atol=1e-6)
+
+
+@pytest.fixture
+def tiny_policy():
+    torch.manual_seed(0)
+    p = DiffusionPolicy(DiffusionPolicyConfig(latent_tokens=2, latent_dim=4, hidden_size=8, d_model=16, layers=1,
+                                              heads=2), SamplerConfig(steps=5))
+    torch.nn.init.normal_(p.denoiser.out.weight, std=0.2)
+    return p.train()
+
+
+def test_first_inner_step_ratio_is_exactly_one_and_gradient_is_the_plain_policy_gradient(tiny_policy):
+    p = tiny_policy
+    cond, mask = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
+    with torch.no_grad():
+        plans = p.sample(cond, mask, 4, generator=torch.Generator().manual_seed(0), sde=True, diversity=0.3)
+    c, m = cond.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
+    logp, _, _ = rescore(p, plans, c, m, guidance=1.0, diversity=0.3, noise_level=0.7)
+    assert torch.equal(logp.detach(), plans.log_probs)  # ratio exactly 1
+    adv = group_advantages(torch.randn(3, 4)).flatten()
+    loss, stats = ladi_loss(logp, plans.log_probs, adv, clip=1e-4)
+    assert stats["clip_frac"] == 0.0
+    grads = torch.autograd.grad(loss, list(p.parameters()), allow_unused=True)
+    logp2, _, _ = rescore(p, plans, c, m, guidance=1.0, diversity=0.3, noise_level=0.7)
+    pg = -(adv[:, None] * logp2).mean()
+    grads2 = torch.autograd.grad(pg, list(p.parameters()), allow_unused=True)
+    for a, b in zip(grads, grads2):
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_policy_step_raises_the_log_probability_of_a_rewarded_plan(latent_ckpt):
+    ck = load_checkpoint(latent_ckpt)
+    from ladi_core.backends import TransformersBackend
+    from ladi_core.decoder import load_decoder
+    from ladi_core.generation import Reasoner
+
+    model, tok = load_decoder(ck.decoder_dir)
+    r = Reasoner(ck, TransformersBackend(model, tok))
+    policy = ck.policy.train()
+    embeds = r.prompt_embeds(r.prompt_ids(["Use 3 4 5 2 to make 23."]))
+    cond, mask = pad_embeds(embeds)
+    with torch.no_grad():
+        plans = policy.sample(cond, mask, 4, generator=torch.Generator().manual_seed(1), sde=True, steps=4)
+    c, m = cond.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
+    adv = torch.tensor([1.5, -0.5, -0.5, -0.5])  # plan 0 was rewarded
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    logp, _, _ = rescore(policy, plans, c, m, guidance=1.0, diversity=0.0, noise_level=0.7)
+    loss, _ = ladi_loss(logp, plans.log_probs, adv, clip=0.2)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        after, _, _ = rescore(policy, plans, c, m, guidance=1.0, diversity=0.0, noise_level=0.7)
+    gain = (after - plans.log_probs).sum(-1)
+    assert gain[0] > 0 and gain[0] > gain[1:].max()
+
+
+def metrics_lines(out):
+    path = out.with_name(out.name + ".work") / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if '"step"' in x and '"stage"' not in x]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["ladi", "grpo"])
+def test_trainer_smoke_run(algo, latent_ckpt, token_ckpt, tmp_path):
+    init = latent_ckpt if algo == "ladi" else token_ckpt
+    out = tmp_path / f"rl-{algo}"
+    final = rl.main(["--algo", algo, "--init", str(init), "--out", str(out), "--preset", "smoke"])
+    assert "pass@1" in final and "pass@2" in final
+    cfg = read_config(out)
+    assert cfg.kind == ("latent" if algo == "ladi" else "token")
+    assert cfg.provenance.metrics["algo"] == algo and "final_eval" in cfg.provenance.metrics
+    assert "training.rl" in cfg.provenance.command
+    lines = metrics_lines(out)
+    assert [x["step"] for x in lines] == [0, 1, 2, 3]
+    for key in ("reward_mean", "reward_std", "zero_std_groups", "clip_frac", "approx_kl", "policy_loss",
+                "plan_diversity", "token_entropy", "distinct_answers", "samples_per_s", "step_s"):
+        assert key in lines[0], key
+    assert lines[0]["clip_frac"] == 0.0  # one epoch per rollout: exactly on-policy
+
+
+@pytest.mark.slow
+def test_wrong_checkpoint_kind_is_refused(latent_ckpt, token_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="latent checkpoint"):
+        rl.main(["--algo", "ladi", "--init", str(token_ckpt), "--out", str(tmp_path / "x"), "--preset", "smoke"])
+    with pytest.raises(SystemExit, match="token-level"):
+        rl.main(["--algo", "grpo", "--init", str(latent_ckpt), "--out", str(tmp_path / "y"), "--preset", "smoke"])
+
+
+@pytest.mark.slow
+def test_resume_reproduces_an_uninterrupted_run(latent_ckpt, tmp_path, monkeypatch):
+    args = ["--algo", "ladi", "--init", str(latent_ckpt), "--preset", "smoke", "--eval-questions", "2"]
+    rl.main(args + ["--out", str(tmp_path / "a")])
+    straight = metrics_lines(tmp_path / "a")
+
+    real_step = rl.Trainer.step
+
+    def crash_at_2(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(rl.Trainer, "step", crash_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        rl.main(args + ["--out", str(tmp_path / "b")])
+    monkeypatch.setattr(rl.Trainer, "step", real_step)
+    rl.main(args + ["--out", str(tmp_path / "b"), "--resume"])
+    resumed = metrics_lines(tmp_path / "b")
+    assert [x["step"] for x in resumed] == [0, 1, 2, 3]
+    drop = ("samples_per_s", "step_s", "rollout_s", "time")
+    for a, b in zip(straight, resumed):
+        assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+
+
+@pytest.mark.slow
+def test_two_process_ddp_smoke_run(latent_ckpt, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "training.rl", "--algo", "ladi", "--init", str(latent_ckpt), "--out", str(out), "--preset", "smoke",
+           "--steps", "2", "--eval-questions", "2", "--threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ranks in sync" in r.stdout
+    assert read_config(out).provenance.metrics["final_eval"]["questions"] == 2
+    assert [x["step"] for x in metrics_lines(out)] == [0, 1]

@@ -1,0 +1,65 @@
+"""Token-level GRPO: group-normalised advantages on sampled texts, clipped token ratios, an
+optional k3 KL to a frozen reference decoder, and two loss normalisations:
+
+- `grpo`:    mean over each sequence's tokens, then mean over sequences (DeepSeekMath);
+- `dr_grpo`: sum over tokens / (sequences x max_new_tokens), a constant normaliser (Dr. GRPO),
+             which removes the length bias of the per-sequence mean.
+"""
+from __future__ import annotations
+
+import torch
+
+from .common import clipped_surrogate
+
+
+def token_log_probs(model, prefixes: list[torch.Tensor], completions: list[list[int]],
+                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs of each completion token after its prefix embeddings.
+    Returns (logp [B, T], mask [B, T]) with T the longest completion; right padding."""
+    embed = model.get_input_embeddings()
+    hidden = prefixes[0].shape[-1]
+    lengths = [p.shape[0] + len(c) for p, c in zip(prefixes, completions)]
+    t_max, c_max = max(lengths), max(1, max(len(c) for c in completions))
+    x = prefixes[0].new_zeros(len(prefixes), t_max, hidden)
+    attn = torch.zeros(len(prefixes), t_max, dtype=torch.long, device=x.device)
+    targets = torch.zeros(len(prefixes), c_max, dtype=torch.long, device=x.device)
+    mask = torch.zeros(len(prefixes), c_max, dtype=torch.bool, device=x.device)
+    starts = []
+    for i, (p, c) in enumerate(zip(prefixes, completions)):
+        ids = torch.tensor(c, dtype=torch.long, device=x.device)
+        row = torch.cat([p.to(x.dtype), embed(ids)]) if c else p.to(x.dtype)
+        x[i, : row.shape[0]] = row
+        attn[i, : row.shape[0]] = 1
+        targets[i, : len(c)] = ids
+        mask[i, : len(c)] = True
+        starts.append(p.shape[0] - 1)  # the logit at the last prefix position predicts token 0
+    logits = model(inputs_embeds=x, attention_mask=attn).logits.float() / temperature
+    idx = torch.tensor(starts, device=x.device)[:, None] + torch.arange(c_max, device=x.device)[None]
+    idx = idx.clamp_max(t_max - 1)
+    picked = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+    logp = torch.log_softmax(picked, -1).gather(-1, targets[..., None]).squeeze(-1)
+    return logp * mask, mask
+
+
+def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clip: float,
+              norm: str = "grpo", max_new_tokens: int | None = None, logp_ref: torch.Tensor | None = None,
+              kl_beta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """logp_*: [B, T] with mask [B, T]; adv: [B]."""
+    per_tok, stats = clipped_surrogate(logp_new, logp_old, adv[:, None], clip)
+    m = mask.float()
+    if logp_ref is not None and kl_beta:
+        d = logp_ref - logp_new
+        kl = torch.exp(d) - d - 1  # k3 estimator, >= 0
+        per_tok = per_tok + kl_beta * kl
+        stats["kl_ref"] = ((kl * m).sum() / m.sum().clamp_min(1)).item()
+    if norm == "grpo":
+        loss = ((per_tok * m).sum(-1) / m.sum(-1).clamp_min(1)).mean()
+    elif norm == "dr_grpo":
+        denom = per_tok.shape[0] * (max_new_tokens or per_tok.shape[1])
+        loss = (per_tok * m).sum() / denom
+    else:
+        raise ValueError(f"unknown loss normalisation {norm!r}: use grpo or dr_grpo")
+    with torch.no_grad():
+        stats["clip_frac"] = (((torch.exp(logp_new - logp_old) - 1).abs() > clip).float() * m).sum().item() / max(
+            1.0, m.sum().item())
+    return loss, stats

@@ -1,0 +1,55 @@
+"""LaDi-RL's plan-policy objective: Flow-GRPO on the diffusion sampler's stochastic steps.
+
+One advantage per plan (its decoder-marginalised utility, normalised over the M plans of its
+question) is shared by every denoising step of that plan; each step's ratio is clipped
+(Flow-GRPO). Optional KL to a frozen reference policy: ||mean - mean_ref||^2 / (2 std^2) per step.
+"""
+from __future__ import annotations
+
+import torch
+
+from ladi_core import flow
+from ladi_core.policies import DiffusionPolicy, PlanSample
+
+from .common import clipped_surrogate
+
+
+def step_velocity(policy: DiffusionPolicy, x: torch.Tensor, sigma: float, cond: torch.Tensor, mask: torch.Tensor,
+                  guidance: float, diversity: float, group) -> torch.Tensor:
+    """The sampler's velocity, repulsion included (it depends on x only, not on the parameters)."""
+    v = policy.velocity(x, sigma, cond, mask, guidance)
+    if diversity:
+        v = v - diversity * sigma * flow.repulsion(x, group)
+    return v
+
+
+def rescore(policy: DiffusionPolicy, plans: PlanSample, cond: torch.Tensor, mask: torch.Tensor, *, guidance: float,
+            diversity: float, noise_level: float) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+    """Log-probability of each stored transition under `policy`: [rows, steps], plus means and stds."""
+    logps, means, stds = [], [], []
+    sig = plans.sigmas
+    for k in range(len(sig) - 1):
+        s, nxt = float(sig[k]), float(sig[k + 1])
+        x = plans.trajectory[k]
+        v = step_velocity(policy, x, s, cond, mask, guidance, diversity, plans.group_size)
+        _, lp, mean, std = flow.sde_step(x, v, s, nxt, noise_level, x_next=plans.trajectory[k + 1])
+        logps.append(lp)
+        means.append(mean)
+        stds.append(std)
+    return torch.stack(logps, 1), means, stds
+
+
+def ladi_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float,
+              kl: torch.Tensor | None = None, kl_beta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """logp_*: [plans, steps]; adv: [plans]. Mean over steps and plans."""
+    per_step, stats = clipped_surrogate(logp_new, logp_old, adv[:, None], clip)
+    loss = per_step.mean()
+    if kl is not None and kl_beta:
+        loss = loss + kl_beta * kl.mean()
+        stats["kl_ref"] = kl.mean().item()
+    return loss, stats
+
+
+def reference_kl(means: list[torch.Tensor], ref_means: list[torch.Tensor], stds: list[float]) -> torch.Tensor:
+    """Per plan and step: ||mean - mean_ref||^2 / (2 std^2), summed over latent dims: [plans, steps]."""
+    return torch.stack([((m - r) ** 2).flatten(1).sum(-1) / (2 * s * s) for m, r, s in zip(means, ref_means, stds)], 1)

@@ -1,0 +1,338 @@
+"""Reinforcement learning on a LaDi checkpoint: LaDi-RL (the latent plan policy) or the
+token-level GRPO baseline (the decoder), one trainer, `--algo`.
+
+    python -m training.rl --algo {ladi,grpo} --init DIR --out DIR2 --task countdown --preset {smoke,demo}
+    torchrun --nproc_per_node 2 -m training.rl ...        (data-parallel; gloo on CPU, nccl on GPU)
+
+Each step draws `questions_per_step` training questions (split across ranks), rolls them out,
+and takes `ppo_epochs` optimiser steps. Metrics go to <out>.work/metrics.jsonl (one line a step),
+checkpoints to <out> every `save_every` steps and at the end (with the final evaluation in
+ladi.json), resumable state to <out>.work/ (--resume).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ladi_core.backends import SamplingParams
+from ladi_core.checkpoint import command_line, git_commit, make_provenance, save_checkpoint, update_metrics
+from ladi_core.codec import build_inputs_embeds
+from ladi_core.generation import Reasoner
+from ladi_core.tasks import get_task
+
+from .algos.common import group_advantages
+from .algos.grpo import grpo_loss, token_log_probs
+from .algos.ladi import ladi_loss, reference_kl, rescore
+from .common import MetricsLog, hash_int, load_state, save_state, set_threads, step_rng
+from .eval import evaluate, summarize
+from .rl_config import PRESETS, RLConfig
+from .rollout import completion_ids, latent_rollout, token_rollout
+
+
+class Dist:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_grads(self, params) -> None:
+        """Average gradients over ranks: every rank holds the same share, so this is the global mean."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1 or not values:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64)
+        dist.all_reduce(t)
+        return dict(zip(values, (t / self.world).tolist()))
+
+    def checksum(self, params) -> list[float]:
+        s = torch.tensor([sum(float(p.detach().double().sum()) for p in params)], dtype=torch.float64)
+        if self.world == 1:
+            return s.tolist()
+        out = [torch.zeros_like(s) for _ in range(self.world)]
+        dist.all_gather(out, s)
+        return [float(x) for x in out]
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def token_entropy(decoded) -> float:
+    """Monte-Carlo estimate of the decoder's per-token entropy: mean -log p of the sampled tokens."""
+    lps = [lp for row in decoded for d in row for lp in d.token_logprobs]
+    return -statistics.fmean(lps) if lps else 0.0
+
+
+def distinct_answers(answers: list[list[str | None]]) -> float:
+    return statistics.fmean(len({a for a in row if a is not None}) for row in answers)
+
+
+class Trainer:
+    def __init__(self, cfg: RLConfig, init: Path, out: Path, command: str, resume: bool):
+        self.cfg, self.out, self.command = cfg, out, command
+        self.dist = Dist()
+        if cfg.questions_per_step % self.dist.world:
+            raise SystemExit(f"questions_per_step ({cfg.questions_per_step}) must divide by the "
+                             f"{self.dist.world} processes")
+        if cfg.rollout_backend != "transformers":
+            raise SystemExit(f"--rollout-backend {cfg.rollout_backend}: only 'transformers' exists in this build")
+        self.work = out.with_name(out.name + ".work")
+        self.task = get_task(cfg.task, cfg.verifier)
+        self.reasoner = Reasoner.from_checkpoint(init)
+        ck = self.reasoner.checkpoint
+        self.decoder = self.reasoner.backend.model
+        if cfg.algo == "ladi":
+            if not ck.is_latent:
+                raise SystemExit(f"--algo ladi needs a latent checkpoint; {init} is token-level")
+            # train mode: the denoiser has no dropout, and this keeps torch's inference fast path out,
+            # so a rollout's log-probs and the loss's re-scoring are computed by the same kernels.
+            self.policy = ck.policy.train()
+            ck.codec.requires_grad_(False)
+            self.decoder.requires_grad_(cfg.text_policy_coef > 0)
+            groups = [{"params": list(self.policy.parameters()), "lr": cfg.lr}]
+            if cfg.text_policy_coef > 0:
+                groups.append({"params": list(self.decoder.parameters()), "lr": cfg.text_lr})
+            self.ref = copy.deepcopy(self.policy).eval() if cfg.kl_beta else None
+        elif cfg.algo == "grpo":
+            if ck.is_latent:
+                raise SystemExit(f"--algo grpo trains a token-level checkpoint; {init} is latent (use its -token twin)")
+            groups = [{"params": list(self.decoder.parameters()), "lr": cfg.lr}]
+            self.ref = copy.deepcopy(self.decoder).eval() if cfg.kl_beta else None
+        else:
+            raise SystemExit(f"unknown --algo {cfg.algo!r}: use ladi or grpo")
+        self.params = [p for g in groups for p in g["params"]]
+        self.opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.99))
+        self.start = 0
+        self.commit = git_commit()
+        if self.dist.main:
+            if self.work.exists() and not resume:
+                raise SystemExit(f"{self.work} exists from an earlier run: pass --resume, or remove it")
+            self.work.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._load_state()
+        self.log = MetricsLog(self.work / "metrics.jsonl") if self.dist.main else None
+
+    # --- state ---------------------------------------------------------------------------------
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"decoder": self.decoder}
+        if self.cfg.algo == "ladi":
+            mods["policy"] = self.policy
+        return mods
+
+    def _save_state(self, step: int) -> None:
+        save_state(self.work / "rl_state.pt", step=step, optimizer=self.opt.state_dict(),
+                   modules={k: m.state_dict() for k, m in self._modules().items()})
+
+    def _load_state(self) -> None:
+        state = load_state(self.work / "rl_state.pt")
+        if state is None:
+            raise SystemExit(f"--resume: no saved state in {self.work}")
+        for k, m in self._modules().items():
+            m.load_state_dict(state["modules"][k])
+        self.opt.load_state_dict(state["optimizer"])
+        self.start = state["step"]
+        if self.dist.main:
+            print(f"resuming at step {self.start}", flush=True)
+
+    def _save_checkpoint(self, metrics: dict) -> None:
+        ck = self.reasoner.checkpoint
+        prov = make_provenance(self.command, self.cfg.seed, json.loads(self.cfg.to_json()),
+                               {"algo": self.cfg.algo, "init": str(ck.path), **metrics}, self.commit)
+        save_checkpoint(self.out, self.decoder, self.reasoner.tokenizer, prov, task=ck.config.task,
+                        codec=ck.codec if ck.is_latent else None, policy=ck.policy if ck.is_latent else None)
+
+    # --- one step ------------------------------------------------------------------------------
+    def _questions(self, step: int):
+        rng, gen = step_rng(self.cfg.seed, "rl", step)
+        qs = self.task.questions("train", self.cfg.questions_per_step, seed=rng.randrange(2**31))
+        seeds = [hash_int(f"{self.cfg.seed}:rl:{step}:{i}") for i in range(len(qs))]
+        mine = slice(self.dist.rank, None, self.dist.world)
+        rgen = torch.Generator().manual_seed(hash_int(f"{self.cfg.seed}:rl:{step}:rank{self.dist.rank}"))
+        return qs[mine], seeds[mine], rgen
+
+    def step(self, step: int) -> dict:
+        cfg = self.cfg
+        t0 = time.time()
+        questions, seeds, gen = self._questions(step)
+        params = SamplingParams(cfg.temperature, 1.0, cfg.max_new_tokens)
+        if cfg.algo == "ladi":
+            ro = latent_rollout(self.reasoner, questions, self.task.verifier, plans=cfg.plans,
+                                samples_per_plan=cfg.samples_per_plan, params=params, seeds=seeds, generator=gen,
+                                steps=cfg.train_denoising_steps, noise_level=cfg.noise_level, guidance=cfg.guidance,
+                                diversity=cfg.diversity, format_weight=cfg.format_weight, adv_clip=cfg.adv_clip)
+            scored, groups_u = ro.scored, ro.utility
+        else:
+            ro = token_rollout(self.reasoner, questions, self.task.verifier, group=cfg.plans * cfg.samples_per_plan,
+                               params=params, seeds=seeds, format_weight=cfg.format_weight, adv_clip=cfg.adv_clip)
+            scored, groups_u = ro.scored, ro.scored.rewards
+        t_roll = time.time() - t0
+        stats: dict[str, float] = {}
+        old: dict[str, torch.Tensor] = {}  # log-probs of the rollout policy, fixed at the first epoch
+        for _ in range(cfg.ppo_epochs):
+            self.opt.zero_grad(set_to_none=True)
+            loss, s = self._ladi_loss(ro, old) if cfg.algo == "ladi" else self._grpo_loss(ro, old)
+            loss.backward()
+            self.dist.all_reduce_grads(self.params)
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            stats = {**s, "policy_loss": loss.item()}
+        rewards = scored.rewards
+        texts = rewards.numel()
+        metrics = {
+            "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+            "zero_std_groups": (groups_u.std(-1, unbiased=False) == 0).float().mean().item(),
+            "token_entropy": token_entropy(scored.decoded), "distinct_answers": distinct_answers(scored.answers),
+            "plan_diversity": ro.plan_distance if cfg.algo == "ladi" else 0.0, **stats,
+        }
+        metrics = self.dist.mean(metrics)
+        elapsed = time.time() - t0
+        metrics.update(step=step, samples_per_s=round(texts * self.dist.world / elapsed, 2),
+                       step_s=round(elapsed, 3), rollout_s=round(t_roll, 3))
+        return metrics
+
+    def _ladi_loss(self, ro, old: dict):
+        cfg = self.cfg
+        logp, means, stds = rescore(self.policy, ro.plans, ro.cond, ro.cond_mask, guidance=cfg.guidance,
+                                    diversity=cfg.diversity, noise_level=cfg.noise_level)
+        kl = None
+        if self.ref is not None:
+            with torch.no_grad():
+                _, ref_means, _ = rescore(self.ref, ro.plans, ro.cond, ro.cond_mask, guidance=cfg.guidance,
+                                          diversity=cfg.diversity, noise_level=cfg.noise_level)
+            kl = reference_kl(means, ref_means, stds)
+        loss, stats = ladi_loss(logp, ro.plans.log_probs, ro.advantages.flatten(), cfg.clip, kl, cfg.kl_beta)
+        if cfg.text_policy_coef > 0:
+            m, n = cfg.plans, cfg.samples_per_plan
+            plan_embeds = self.reasoner.checkpoint.codec.plan_embeds(ro.plans.latents).detach()
+            prefixes = [torch.cat([e, plan_embeds[i * m + j]]) for i, e in enumerate(ro.prompt_embeds)
+                        for j in range(m) for _ in range(n)]
+            adv = group_advantages(ro.scored.rewards.view(len(ro.prompt_embeds), m * n), clip=cfg.adv_clip)
+            text_loss, _ = self._token_objective(prefixes, ro.scored, adv, old)
+            loss = loss + cfg.text_policy_coef * text_loss
+            stats["text_loss"] = text_loss.item()
+        return loss, stats
+
+    def _token_objective(self, prefixes, scored, adv, old: dict):
+        cfg = self.cfg
+        eos = self.reasoner.tokenizer.eos_token_id
+        comps = [completion_ids(d, eos) for row in scored.decoded for d in row]
+        logp, mask = token_log_probs(self.decoder, prefixes, comps, cfg.temperature)
+        ref = None
+        if cfg.algo == "grpo" and self.ref is not None:
+            with torch.no_grad():
+                ref, _ = token_log_probs(self.ref, prefixes, comps, cfg.temperature)
+        # the behaviour policy's log-probs: the first epoch's own, so its ratio is exactly 1
+        logp_old = old.setdefault("tokens", logp.detach())
+        return grpo_loss(logp, logp_old, adv.flatten(), mask, cfg.grpo_clip, cfg.loss_norm, cfg.max_new_tokens, ref,
+                         cfg.kl_beta)
+
+    def _grpo_loss(self, ro, old: dict):
+        g = self.cfg.plans * self.cfg.samples_per_plan
+        embeds = build_inputs_embeds(self.decoder.get_input_embeddings(), ro.prompt_ids)  # with grad
+        return self._token_objective([e for e in embeds for _ in range(g)], ro.scored, ro.advantages, old)
+
+    # --- the loop --------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg
+        bar = tqdm(range(self.start, cfg.steps), initial=self.start, total=cfg.steps, desc=f"rl[{cfg.algo}]",
+                   disable=not self.dist.main)
+        for step in bar:
+            m = self.step(step)
+            if self.dist.main:
+                self.log.write(**{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()})
+                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['policy_loss']:.4f}")
+            if self.dist.main and ((step + 1) % cfg.save_every == 0 or step == cfg.steps - 1):
+                self._save_state(step + 1)
+                self._save_checkpoint({"step": step + 1})
+        sums = self.dist.checksum(self.params)
+        final = {}
+        if self.dist.main:
+            in_sync = max(sums) - min(sums) <= 1e-6 * max(1.0, abs(sums[0]))
+            print(f"parameter checksums per rank: {sums} ({'ranks in sync' if in_sync else 'RANKS DIVERGED'})")
+            final = self.evaluate()
+            update_metrics(self.out, {"final_eval": final, "steps": cfg.steps})
+            self.log.write(stage="final", **final)
+            print(json.dumps(final, indent=2))
+        return final
+
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        qs = self.task.questions("test", cfg.eval_questions, seed=0)
+        n = max(cfg.eval_k)
+        latent = self.reasoner.is_latent
+        recs = evaluate(self.reasoner, qs, self.task.verifier, plans=n if latent else 1,
+                        samples_per_plan=1 if latent else n,
+                        params=SamplingParams(1.0, 1.0, cfg.max_new_tokens, seed=cfg.seed), progress=False)
+        s = summarize(recs, list(cfg.eval_k))
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m training.rl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algo", choices=["ladi", "grpo"], required=True)
+    p.add_argument("--init", required=True, help="checkpoint to start from (latent for ladi, token-level for grpo)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--task", default="countdown")
+    p.add_argument("--verifier")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--rollout-backend", choices=["transformers", "vllm"])
+    p.add_argument("--threads", type=int)
+    for name in ("steps", "questions_per_step", "plans", "samples_per_plan", "ppo_epochs", "max_new_tokens",
+                 "train_denoising_steps", "save_every", "eval_questions"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int)
+    for name in ("lr", "clip", "kl_beta", "diversity", "guidance", "noise_level", "text_policy_coef", "text_lr",
+                 "grpo_clip", "temperature", "format_weight"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float)
+    p.add_argument("--loss-norm", choices=["grpo", "dr_grpo"])
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    fields = set(RLConfig.__dataclass_fields__)
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    cfg = replace(PRESETS[args.preset], **overrides)
+    set_threads(cfg.threads)
+    out = Path(args.out)
+    trainer = Trainer(cfg, Path(args.init), out, command_line("training.rl", argv), args.resume)
+    if trainer.dist.main:
+        saved = trainer.work / "config.json"
+        if args.resume and saved.is_file() and json.loads(saved.read_text()) != asdict(cfg):
+            raise SystemExit(f"--resume: the configuration differs from the run in {trainer.work}")
+        saved.write_text(cfg.to_json())
+        print(f"training.rl preset={args.preset} world={trainer.dist.world}\n{cfg.to_json()}", flush=True)
+    try:
+        return trainer.train()
+    finally:
+        trainer.dist.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Typed configuration for `python -m training.rl`, with the smoke and demo presets.
+
+Both algorithms draw the same number of texts per question (LaDi: M plans x N texts; GRPO:
+G = M x N texts) and share every budget field, so one evaluation judges them on equal terms.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    algo: str = "ladi"  # ladi | grpo
+    task: str = "countdown"
+    verifier: str | None = None
+    seed: int = 0
+    # budget (shared)
+    steps: int = 200
+    questions_per_step: int = 16
+    plans: int = 8  # M (GRPO: G = plans x samples_per_plan)
+    samples_per_plan: int = 4  # N
+    lr: float = 3e-4
+    ppo_epochs: int = 1  # optimiser steps per rollout (the first one is exactly on-policy)
+    temperature: float = 1.0
+    max_new_tokens: int = 96
+    format_weight: float = 0.0  # reward = correct + format_weight * format
+    adv_clip: float = 5.0
+    # LaDi-RL (plan policy)
+    train_denoising_steps: int = 10  # fewer than inference (the checkpoint's sampler.steps)
+    noise_level: float = 0.7  # SDE `a`
+    clip: float = 0.2  # per-step ratio clip (Flow-GRPO uses 1e-4 on image latents; ours are tiny)
+    kl_beta: float = 0.0  # KL to the frozen initial policy (LaDi) or decoder (GRPO)
+    guidance: float = 1.0
+    diversity: float = 0.0
+    text_policy_coef: float = 0.0  # LaDi: add token-level GRPO on the decoder, given each text's plan
+    text_lr: float = 1e-5
+    # GRPO (token policy)
+    grpo_clip: float = 0.2
+    loss_norm: str = "grpo"  # grpo | dr_grpo
+    # bookkeeping
+    save_every: int = 50
+    eval_questions: int = 100
+    eval_k: tuple[int, ...] = (1, 8)
+    threads: int = 0
+    rollout_backend: str = "transformers"
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+PRESETS: dict[str, RLConfig] = {
+    "demo": RLConfig(),
+    "smoke": RLConfig(steps=4, questions_per_step=4, plans=4, samples_per_plan=2, max_new_tokens=48,
+                      train_denoising_steps=4, save_every=2, eval_questions=8, eval_k=(1, 2)),
+}

@@ -1,0 +1,106 @@
+"""Hierarchical latent-text rollouts (LaDi-RL) and plain token rollouts (GRPO), shared by every
+algorithm. Rollouts only sample and score; they hold no gradients.
+
+Latent: per question, M plans from the SDE sampler (trajectory and per-step log-probs kept);
+per plan, N texts decoded as one batch that shares the plan's prefix; each text scored by the
+verifier; a plan's utility is the mean reward of its N texts, and its advantage is that utility
+normalised over the question's M plans.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ladi_core.backends import Decoded, SamplingParams
+from ladi_core.generation import Reasoner, pad_embeds
+from ladi_core.metrics import mean_pairwise_distance
+from ladi_core.policies import PlanSample
+from ladi_core.tasks import Question
+from ladi_core.verifiers import Verifier
+
+from .algos.common import group_advantages
+
+
+@dataclass
+class Scored:
+    decoded: list[list[Decoded]]  # [rows][samples]
+    rewards: torch.Tensor  # [Q, G]: correctness (+ format_weight * format)
+    answers: list[list[str | None]]  # [Q][G]
+
+
+def score(questions: list[Question], decoded: list[list[Decoded]], per_question: int, verifier: Verifier,
+          format_weight: float) -> Scored:
+    """decoded rows are question-major; each question owns `per_question` consecutive texts."""
+    flat = [d for row in decoded for d in row]
+    rewards, answers = [], []
+    for q_i, q in enumerate(questions):
+        rs, ans = [], []
+        for d in flat[q_i * per_question:(q_i + 1) * per_question]:
+            r = verifier.score(d.text, q.reference)
+            rs.append(r.correct + format_weight * r.format)
+            ans.append(r.answer)
+        rewards.append(rs)
+        answers.append(ans)
+    return Scored(decoded, torch.tensor(rewards, dtype=torch.float32), answers)
+
+
+def seeded_params(base: SamplingParams, seeds: list[int]) -> list[SamplingParams]:
+    """One SamplingParams (so one generator) per prefix: each question's texts depend on its own
+    seed, not on which other questions share the batch or the process."""
+    return [SamplingParams(base.temperature, base.top_p, base.max_tokens, s, base.stop) for s in seeds]
+
+
+@dataclass
+class LatentRollout:
+    prompt_embeds: list[torch.Tensor]
+    cond: torch.Tensor  # [Q * M, T, hidden] padded prompt embeddings, one row per plan
+    cond_mask: torch.Tensor
+    plans: PlanSample  # trajectory [K + 1, Q * M, L, d], log_probs [Q * M, K]
+    scored: Scored  # rewards [Q, M * N], plan-major within a question
+    utility: torch.Tensor  # [Q, M]
+    advantages: torch.Tensor  # [Q, M]
+    plan_distance: float
+
+
+@torch.no_grad()
+def latent_rollout(reasoner: Reasoner, questions: list[Question], verifier: Verifier, *, plans: int,
+                   samples_per_plan: int, params: SamplingParams, seeds: list[int], generator: torch.Generator,
+                   steps: int, noise_level: float, guidance: float, diversity: float, format_weight: float = 0.0,
+                   adv_clip: float | None = None) -> LatentRollout:
+    m, n = plans, samples_per_plan
+    embeds = reasoner.prompt_embeds(reasoner.prompt_ids([q.prompt for q in questions]))
+    cond, mask = pad_embeds(embeds)
+    sample = reasoner.checkpoint.policy.sample(cond, mask, m, generator=generator, sde=True, steps=steps,
+                                               noise_level=noise_level, guidance=guidance, diversity=diversity)
+    rows = [e for e in embeds for _ in range(m)]
+    decoded = reasoner.decode(rows, sample.latents, n, seeded_params(params, [s for s in seeds for _ in range(m)]))
+    scored = score(questions, decoded, m * n, verifier, format_weight)
+    utility = scored.rewards.view(len(questions), m, n).mean(-1)
+    dist = sum(mean_pairwise_distance(sample.latents[i * m:(i + 1) * m]) for i in range(len(questions)))
+    return LatentRollout(embeds, cond.repeat_interleave(m, 0), mask.repeat_interleave(m, 0), sample, scored,
+                         utility, group_advantages(utility, clip=adv_clip), dist / len(questions))
+
+
+@dataclass
+class TokenRollout:
+    prompt_ids: list[list[int]]
+    prompt_embeds: list[torch.Tensor]
+    scored: Scored  # rewards [Q, G]
+    advantages: torch.Tensor  # [Q, G]
+
+
+@torch.no_grad()
+def token_rollout(reasoner: Reasoner, questions: list[Question], verifier: Verifier, *, group: int,
+                  params: SamplingParams, seeds: list[int], format_weight: float = 0.0,
+                  adv_clip: float | None = None) -> TokenRollout:
+    ids = reasoner.prompt_ids([q.prompt for q in questions])
+    embeds = reasoner.prompt_embeds(ids)
+    decoded = reasoner.decode(embeds, None, group, seeded_params(params, seeds))
+    scored = score(questions, decoded, group, verifier, format_weight)
+    return TokenRollout(ids, embeds, scored, group_advantages(scored.rewards, clip=adv_clip))
+
+
+def completion_ids(d: Decoded, eos_id: int) -> list[int]:
+    """The tokens a text policy is trained on: the sampled ids, plus the end token when one ended it."""
+    return d.token_ids + [eos_id] if d.finish_reason == "stop" else list(d.token_ids)
