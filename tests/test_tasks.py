@@ -34,9 +34,13 @@ def test_every_countdown_question_has_several_verified_solutions():
 
 
 def test_countdown_difficulty_knobs():
-    t = CountdownTask(CountdownConfig(num_numbers=3, max_number=5, min_target=1, max_target=30, min_solutions=1))
+    t = CountdownTask(CountdownConfig(num_numbers=3, max_number=5, min_target=1, max_target=30,
+                                      min_solutions=1))
     q = t.questions("train", 5)[0]
     assert len(q.reference["numbers"]) == 3 and max(q.reference["numbers"]) <= 5
+    mixed = CountdownTask(CountdownConfig(num_numbers=4, min_numbers=3, max_number=20, max_target=99)).questions(
+        "test", 40)
+    assert {len(q.reference["numbers"]) for q in mixed} == {3, 4}
 
 
 def test_solver_steps_are_consistent():

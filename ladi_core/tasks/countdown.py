@@ -19,7 +19,12 @@ from .base import Question, check_split, in_test_split
 
 @dataclass(frozen=True)
 class CountdownConfig:
+    """Difficulty knobs. With `min_numbers` set, a question has between `min_numbers` and
+    `num_numbers` numbers (drawn uniformly, before the target). Few 3-number sets have a target
+    with two distinct solutions, so mixes are dominated by 4-number questions."""
+
     num_numbers: int = 4
+    min_numbers: int | None = None  # None: always num_numbers
     min_number: int = 1
     max_number: int = 9
     min_target: int = 10
@@ -88,8 +93,9 @@ class CountdownTask:
 
     def _draw(self, rng: random.Random, split: str) -> Question:
         c = self.config
+        count = c.num_numbers if c.min_numbers is None else rng.randint(c.min_numbers, c.num_numbers)
         while True:
-            numbers = tuple(sorted(rng.randint(c.min_number, c.max_number) for _ in range(c.num_numbers)))
+            numbers = tuple(sorted(rng.randint(c.min_number, c.max_number) for _ in range(count)))
             sols = solve(numbers)
             targets = self._targets(numbers)
             if not targets:
