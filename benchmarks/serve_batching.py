@@ -19,6 +19,7 @@ import time
 import httpx
 
 from clients import bench
+from clients.report import emit_json
 
 
 def free_port() -> int:
@@ -74,12 +75,7 @@ def main(argv=None) -> dict:
         "throughput_ratio_tokens": round(b["completion_tokens_per_s"] / max(o["completion_tokens_per_s"], 1e-9), 2),
         "throughput_ratio_requests": round(b["requests_per_s"] / max(o["requests_per_s"], 1e-9), 2),
     }
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    return summary
+    return emit_json(summary, a.out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from collections import Counter
 
 import httpx
 
+from clients.report import emit_json
+
 
 def percentile(xs: list[float], q: float) -> float | None:
     if not xs:
@@ -122,12 +124,7 @@ def main(argv=None) -> dict:
     if a.concurrency < 1:
         raise SystemExit("--concurrency must be >= 1")
     result = asyncio.run(run(a))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return emit_json(result, a.out)
 
 
 if __name__ == "__main__":

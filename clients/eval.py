@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 
 from openai import AsyncOpenAI
 from tqdm import tqdm
 
+from clients.report import emit_json
 from ladi_core.metrics import pass_at_k
 from ladi_core.tasks import get_task
 
@@ -67,12 +67,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", help="write the summary JSON here")
     a = p.parse_args(argv)
     summary = asyncio.run(run(a))
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    return summary
+    return emit_json(summary, a.out)
 
 
 if __name__ == "__main__":

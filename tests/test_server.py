@@ -307,3 +307,23 @@ def test_metrics_exported(live, client):
                  "ladi:num_requests_waiting"):
         assert name in text, name
     assert metric(live.url, "ladi:plans_sampled_total") > 0
+
+
+def test_bench_client(live):
+    from clients import bench
+
+    r = bench.main(["--base-url", live.url + "/v1", "--concurrency", "3", "--requests", "6", "--n", "2",
+                    "--max-tokens", "16", "--stream"])
+    assert r["sent"] == 6 and r["ok"] == 6 and r["lost"] == 0 and r["server_errors_5xx"] == 0
+    assert r["completion_tokens_per_s"] > 0 and r["latency_s"]["p50"] > 0 and r["ttft_s"]["p50"] > 0
+
+
+def test_eval_client_matches_its_own_arithmetic(live, tmp_path):
+    from clients import eval as ceval
+
+    out = tmp_path / "eval.json"
+    r = ceval.main(["--base-url", live.url + "/v1", "--problems", "3", "--k", "1,2", "--max-tokens", "24",
+                    "--out", str(out)])
+    assert r["questions"] == 3 and r["samples"] == 2
+    assert 0 <= r["pass@1"] <= r["pass@2"] <= 1
+    assert json.loads(out.read_text())["pass@2"] == r["pass@2"]
