@@ -17,7 +17,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -324,7 +324,7 @@ def main(argv=None) -> dict:
     trainer = Trainer(cfg, Path(args.init), out, command_line("training.rl", argv), args.resume)
     if trainer.dist.main:
         saved = trainer.work / "config.json"
-        if args.resume and saved.is_file() and json.loads(saved.read_text()) != asdict(cfg):
+        if args.resume and saved.is_file() and json.loads(saved.read_text()) != json.loads(cfg.to_json()):
             raise SystemExit(f"--resume: the configuration differs from the run in {trainer.work}")
         saved.write_text(cfg.to_json())
         print(f"training.rl preset={args.preset} world={trainer.dist.world}\n{cfg.to_json()}", flush=True)

@@ -20,7 +20,7 @@ class RLConfig:
     questions_per_step: int = 16
     plans: int = 8  # M (GRPO: G = plans x samples_per_plan)
     samples_per_plan: int = 4  # N
-    lr: float = 3e-4
+    lr: float = 2e-5  # the plan log-densities are steep (tiny late-step variances): small steps
     ppo_epochs: int = 1  # optimiser steps per rollout (the first one is exactly on-policy)
     temperature: float = 1.0
     max_new_tokens: int = 96
