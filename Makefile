@@ -35,6 +35,7 @@ demo-sft: $(STAMP)
 
 demo-eval: $(STAMP)
 	$(BIN)/python -m training.eval --checkpoint checkpoints/demo-token --checkpoint checkpoints/demo \
+	    --name token-sft --name latent-sft \
 	    --task countdown --problems 500 --k 1,2,4,8,16,32,64 --out results/sft-demo
 
 clean:
