@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import time
 
 from .config import Limits, ServerConfig
@@ -30,8 +31,6 @@ def parse_args(argv=None) -> ServerConfig:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=field.default, help=field.description)
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
-    import os
-
     limits = Limits(**{k: getattr(a, k) for k in Limits.model_fields})
     return ServerConfig(checkpoint=a.checkpoint, backend=a.backend, host=a.host, port=a.port,
                         api_key=a.api_key or os.environ.get("LADI_API_KEY"), served_model_name=a.served_model_name,

@@ -213,33 +213,24 @@ class Engine:
         r = self.reasoner
         t0 = time.monotonic()
         embeds = r.prompt_embeds([j.prompt_ids for j in jobs])
-        row_embeds, row_plans, counts, params, row_job, row_cand, row_plan_idx = [], [], [], [], [], [], []
-        if r.is_latent:
-            latents = self._sample_plans(jobs, embeds)
-            for j, (job, e) in enumerate(zip(jobs, embeds)):
-                for m in range(job.plans):
-                    row_embeds.append(e)
-                    row_plans.append(latents[j][m])
-                    counts.append(job.samples_per_plan)
-                    params.append(job.params)
-                    row_plan_idx.append(m)
-        else:
-            for job, e in zip(jobs, embeds):
-                row_embeds.append(e)
-                counts.append(job.rows)
-                params.append(job.params)
-                row_plan_idx.append(None)
+        latents = self._sample_plans(jobs, embeds) if r.is_latent else None
         t1 = time.monotonic()
-        # every decoded sequence (row of the backend) maps back to its job and candidate index
-        prefix_job = [job for job in jobs for _ in range(job.plans if r.is_latent else 1)]
-        prefix_base = []
-        seen: dict[int, int] = {}
-        for job, c in zip(prefix_job, counts):
-            prefix_base.append(seen.get(id(job), 0))
-            seen[id(job)] = seen.get(id(job), 0) + c
-        for job, c, base in zip(prefix_job, counts, prefix_base):
-            row_job.extend([job] * c)
-            row_cand.extend(range(base, base + c))
+        # one decoder prefix per (job, plan); every decoded row maps back to its job and candidate index
+        row_embeds, row_plans, counts, params, prefix_job, row_plan_idx, row_job, row_cand = ([] for _ in range(8))
+        for j, (job, e) in enumerate(zip(jobs, embeds)):
+            plans = range(job.plans) if latents is not None else [None]
+            n = job.samples_per_plan if latents is not None else job.rows
+            for m in plans:
+                row_embeds.append(e)
+                if m is not None:
+                    row_plans.append(latents[j][m])
+                counts.append(n)
+                params.append(job.params)
+                prefix_job.append(job)
+                row_plan_idx.append(m)
+                base = (m or 0) * n
+                row_job.extend([job] * n)
+                row_cand.extend(range(base, base + n))
         tracker = _RowTracker(r.tokenizer, row_job, row_cand)
         decoded = r.decode(row_embeds, torch.stack(row_plans) if row_plans else None, counts, params, tracker)
         t2 = time.monotonic()
