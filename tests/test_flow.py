@@ -96,7 +96,7 @@ def test_sde_trajectory_log_probs_rescore_under_the_same_policy(policy):
     cc, mm = c.repeat_interleave(2, 0), m.repeat_interleave(2, 0)
     for i in range(len(s.sigmas) - 1):
         sig, nxt = float(s.sigmas[i]), float(s.sigmas[i + 1])
-        v = policy.velocity(s.trajectory[i], sig, cc, mm, policy.sampler.guidance)
+        v = policy.velocity(s.trajectory[i], sig, policy.context(cc, mm), policy.sampler.guidance)
         _, lp, _, _ = flow.sde_step(s.trajectory[i], v, sig, nxt, policy.sampler.noise_level,
                                     x_next=s.trajectory[i + 1])
         assert torch.allclose(lp, s.log_probs[:, i], atol=1e-4)
@@ -105,12 +105,37 @@ def test_sde_trajectory_log_probs_rescore_under_the_same_policy(policy):
 def test_guidance_one_is_the_conditional_model(policy):
     c, m = cond()
     x = torch.randn(2, 3, 8)
-    v1 = policy.velocity(x, 0.5, c, m, 1.0)
+    ctx = policy.context(c, m)
+    v1 = policy.velocity(x, 0.5, ctx, 1.0)
     s = torch.full((2,), 0.5)
-    assert torch.allclose(v1, policy.denoiser(x, s, c, m))
-    v_u = policy.denoiser(x, s, c, m, torch.ones(2, dtype=torch.bool))
-    v3 = policy.velocity(x, 0.5, c, m, 3.0)
+    assert torch.allclose(v1, policy.denoiser(x, s, ctx))
+    v_u = policy.denoiser(x, s, ctx, torch.ones(2, dtype=torch.bool))
+    v3 = policy.velocity(x, 0.5, ctx, 3.0)
     assert torch.allclose(v3, v_u + 3.0 * (v1 - v_u), atol=1e-5)
+
+
+def test_question_context_masks_padding_and_hides_the_question(policy):
+    c, m = cond()
+    x = torch.randn(2, 3, 8)
+    s = torch.full((2,), 0.4)
+    v = policy.denoiser(x, s, policy.context(c, m))
+    # row 1's padded tokens carry no information
+    c2 = c.clone()
+    c2[1, 5:] = 100.0
+    assert torch.allclose(policy.denoiser(x, s, policy.context(c2, m)), v, atol=1e-5)
+    # the question matters, unless it is hidden (then only the null token is seen)
+    other = torch.randn(2, 7, 16)
+    assert not torch.allclose(policy.denoiser(x, s, policy.context(other, m)), v, atol=1e-3)
+    hide = torch.ones(2, dtype=torch.bool)
+    assert torch.allclose(policy.denoiser(x, s, policy.context(other, m), hide),
+                          policy.denoiser(x, s, policy.context(c, m), hide), atol=1e-5)
+    # a context encoded once and repeated per plan equals encoding every plan's copy
+    reps = torch.tensor([2, 3])
+    once = policy.context(c, m).repeat(reps)
+    each = policy.context(c.repeat_interleave(reps, 0), m.repeat_interleave(reps, 0))
+    x5 = torch.randn(5, 3, 8)
+    s5 = torch.full((5,), 0.7)
+    assert torch.allclose(policy.denoiser(x5, s5, once), policy.denoiser(x5, s5, each), atol=1e-5)
 
 
 def test_diversity_guidance_spreads_the_plans(policy):

@@ -5,6 +5,7 @@ import pytest
 
 from ladi_core.tasks import CountdownConfig, CountdownTask, JsonlTask, get_task
 from ladi_core.tasks.countdown import solve
+from ladi_core.verifiers.arith import parse
 
 
 def test_countdown_is_seeded_and_reproducible():
@@ -62,6 +63,22 @@ def test_solver_steps_are_consistent():
                     pool.remove(int(b))
                     pool.append(int(rhs))
                 assert pool == [target] and answer.startswith("answer: ")
+
+
+def test_countdown_subset_variant_has_verified_subset_solutions():
+    t = CountdownTask(CountdownConfig(use_all=False))
+    qs = t.questions("test", 40)
+    assert all(q.reference["use_all"] is False and "at most once" in q.prompt for q in qs)
+    sizes = set()
+    for q in qs:
+        assert len(q.solutions) >= 2
+        for s in q.solutions:
+            assert t.verifier.score(s, q.reference).correct == 1.0, (q, s)
+            sizes.add(len(parse(s.splitlines()[-1].removeprefix("answer: ")).numbers))
+    assert sizes == {2, 3, 4}  # some solutions leave numbers out
+    full = solve((2, 3, 4, 7))
+    subset = solve((2, 3, 4, 7), False)
+    assert set(full) <= set(subset) and "S(+2,+3)" in subset[5]
 
 
 def test_jsonl_task(tmp_path):

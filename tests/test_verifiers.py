@@ -58,6 +58,18 @@ def test_countdown_adversarial_inputs_score_zero_without_raising(text):
     assert time.time() - t0 < 1.0
 
 
+def test_countdown_subset_rule():
+    """use_all=False: two or more of the given numbers, each at most once."""
+    sub = {**REF, "use_all": False}
+    assert countdown.score("answer: 4*5+3", sub).correct == 1.0
+    assert countdown.score("answer: 3*5+4*2", sub).correct == 1.0  # all of them is fine too
+    assert countdown.score("answer: 4*5+3", REF).correct == 0.0  # the default rule wants every number
+    assert countdown.score("answer: 5*5-2", sub).correct == 0.0  # 5 used twice
+    assert countdown.score("answer: 23", sub).correct == 0.0  # not a given number
+    assert countdown.score("answer: 5", {**sub, "target": 5}).correct == 0.0  # one number is not a solution
+    assert countdown.score("answer: 4*5+3", {**sub, "use_all": "no"}).correct == 0.0  # bad reference
+
+
 def test_countdown_non_string_and_bad_reference():
     assert countdown.score(None, REF).correct == 0.0  # type: ignore[arg-type]
     assert countdown.score("answer: 3+4", {"numbers": "x"}).correct == 0.0

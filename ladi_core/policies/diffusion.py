@@ -1,9 +1,11 @@
 """The diffusion latent policy: a small transformer denoiser that learns p(plan | question) by
 rectified flow, and the one sampler that training (SFT loss, RL rollouts) and serving share.
 
-The question enters as the decoder's own prompt embeddings (the same tensors the decoder reads),
-projected and attended to by the latent tokens. Classifier-free guidance: during training the
-question is hidden with probability `cond_dropout`; a learned null token is always present so a
+The question enters as the decoder's own prompt embeddings (the same tensors the decoder reads).
+It is encoded once per question into per-layer keys and values (`QuestionContext`); the few latent
+tokens then cross-attend to them at every denoising step, so M plans x K steps cost M x K passes
+over L + 1 tokens, not over the whole question. Classifier-free guidance: during training the
+question is hidden with probability `cond_dropout`; a learned null token is always visible, so a
 hidden question is well defined.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
@@ -24,7 +27,8 @@ class DiffusionPolicyConfig:
     latent_dim: int = 32
     hidden_size: int = 128  # the decoder's embedding width (the condition)
     d_model: int = 128
-    layers: int = 4
+    layers: int = 4  # denoiser blocks over the latent tokens (self- and cross-attention)
+    encoder_layers: int = 2  # question encoder blocks, run once per question
     heads: int = 4
     max_cond_len: int = 256
     cond_dropout: float = 0.1
@@ -42,42 +46,112 @@ class SamplerConfig:
     shift: float = 1.0  # flow-matching timestep shift
 
 
+@dataclass
+class QuestionContext:
+    """A batch of encoded questions: each denoiser block's keys and values over [null; question]."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per block: [B, heads, 1 + T, head_dim] twice
+    mask: torch.Tensor  # [B, 1 + T] True = visible; column 0 is the null token
+
+    def repeat(self, counts: torch.Tensor) -> QuestionContext:
+        """Row i repeated counts[i] times (one row per plan)."""
+        return QuestionContext([(k.repeat_interleave(counts, 0), v.repeat_interleave(counts, 0)) for k, v in self.kv],
+                               self.mask.repeat_interleave(counts, 0))
+
+    def hide(self, drop: torch.Tensor) -> QuestionContext:
+        """The same context with the question hidden (only the null token visible) where drop is True."""
+        mask = self.mask.clone()
+        mask[:, 1:] &= ~drop[:, None]
+        return QuestionContext(self.kv, mask)
+
+    def cat(self, other: QuestionContext) -> QuestionContext:
+        return QuestionContext([(torch.cat([k, k2]), torch.cat([v, v2])) for (k, v), (k2, v2) in zip(self.kv, other.kv)],
+                               torch.cat([self.mask, other.mask]))
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: self-attention, optional cross-attention to a context, MLP."""
+
+    def __init__(self, d: int, heads: int, cross: bool):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        if cross:
+            self.norm2, self.q, self.kv = nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, 2 * d)
+            self.cross_proj = nn.Linear(d, d)
+        self.norm3 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+    @staticmethod
+    def _merge(x: torch.Tensor) -> torch.Tensor:
+        b, h, t, dh = x.shape
+        return x.transpose(1, 2).reshape(b, t, h * dh)
+
+    def memory(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(ctx).chunk(2, -1)
+        return self._heads(k), self._heads(v)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None,
+                memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask / memory_mask: [B, keys] True = visible."""
+        q, k, v = (self._heads(t) for t in self.qkv(self.norm1(h)).chunk(3, -1))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+        h = h + self.proj(self._merge(a))
+        if memory is not None:
+            q = self._heads(self.q(self.norm2(h)))
+            a = F.scaled_dot_product_attention(q, *memory, attn_mask=memory_mask[:, None, None, :])
+            h = h + self.cross_proj(self._merge(a))
+        return h + self.mlp(self.norm3(h))
+
+
 class Denoiser(nn.Module):
     def __init__(self, cfg: DiffusionPolicyConfig):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.x_in = nn.Linear(cfg.latent_dim, d)
         self.cond_in = nn.Linear(cfg.hidden_size, d)
+        self.cond_pos = nn.Parameter(torch.randn(cfg.max_cond_len, d) * 0.02)
+        self.null = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.encoder = nn.ModuleList(_Block(d, cfg.heads, cross=False) for _ in range(cfg.encoder_layers))
+        self.encoder_norm = nn.LayerNorm(d)
+        self.x_in = nn.Linear(cfg.latent_dim, d)
+        self.latent_pos = nn.Parameter(torch.randn(cfg.latent_tokens, d) * 0.02)
         self.time_proj = Timesteps(d, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_emb = TimestepEmbedding(d, d)
-        self.null = nn.Parameter(torch.randn(1, 1, d) * 0.02)
-        self.latent_pos = nn.Parameter(torch.randn(cfg.latent_tokens, d) * 0.02)
-        self.cond_pos = nn.Parameter(torch.randn(cfg.max_cond_len, d) * 0.02)
-        layer = nn.TransformerEncoderLayer(d, cfg.heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
-        self.body = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.blocks = nn.ModuleList(_Block(d, cfg.heads, cross=True) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, cfg.latent_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
-                drop_cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, L, d_z], sigma [B], cond [B, T, hidden], cond_mask [B, T] -> velocity [B, L, d_z]."""
+    def encode(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> QuestionContext:
+        """cond [B, T, hidden], cond_mask [B, T] -> the context every denoising step reuses."""
         b, t = cond_mask.shape
         if t > self.cfg.max_cond_len:
             raise ValueError(f"question of {t} tokens exceeds the policy's max_cond_len={self.cfg.max_cond_len}")
-        temb = self.time_emb(self.time_proj(sigma.float() * 1000).to(x.dtype))[:, None]
-        c = self.cond_in(cond.to(x.dtype)) + self.cond_pos[:t]
         keep = cond_mask.bool()
+        h = self.cond_in(cond.to(self.null.dtype)) + self.cond_pos[:t]
+        for blk in self.encoder:
+            h = blk(h, keep)
+        mem = self.encoder_norm(torch.cat([self.null.expand(b, -1, -1), h], 1))
+        mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=keep.device), keep], 1)
+        return QuestionContext([blk.memory(mem) for blk in self.blocks], mask)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, ctx: QuestionContext,
+                drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, d_z], sigma [B], ctx for B rows -> velocity [B, L, d_z]."""
         if drop_cond is not None:
-            keep = keep & ~drop_cond[:, None]
-        lat = self.x_in(x) + self.latent_pos
-        seq = torch.cat([temb, self.null.expand(b, -1, -1), c, lat], dim=1)
-        always = torch.ones(b, 2, dtype=torch.bool, device=x.device)
-        lat_keep = torch.ones(b, lat.shape[1], dtype=torch.bool, device=x.device)
-        h = self.body(seq, src_key_padding_mask=~torch.cat([always, keep, lat_keep], 1))
-        return self.out(self.norm(h[:, -lat.shape[1]:]))
+            ctx = ctx.hide(drop_cond)
+        temb = self.time_emb(self.time_proj(sigma.float() * 1000).to(x.dtype))[:, None]
+        h = torch.cat([temb, self.x_in(x) + self.latent_pos], 1)
+        for blk, kv in zip(self.blocks, ctx.kv):
+            h = blk(h, memory=kv, memory_mask=ctx.mask)
+        return self.out(self.norm(h[:, 1:]))
 
 
 class DiffusionPolicy(nn.Module):
@@ -96,20 +170,22 @@ class DiffusionPolicy(nn.Module):
         eps = torch.randn(z0.shape, generator=generator, device=z0.device)
         zt = (1 - t)[:, None, None] * z0 + t[:, None, None] * eps
         drop = torch.rand(b, generator=generator, device=z0.device) < self.cfg.cond_dropout
-        v = self.denoiser(zt, t, cond, cond_mask, drop)
+        v = self.denoiser(zt, t, self.denoiser.encode(cond, cond_mask), drop)
         return (v - (eps - z0)).pow(2).mean()
 
     # --- sampling (shared by RL rollouts and serving) -------------------------------------------
-    def velocity(self, x: torch.Tensor, sigma: float, cond: torch.Tensor, cond_mask: torch.Tensor,
-                 guidance: float) -> torch.Tensor:
+    def context(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> QuestionContext:
+        """Encode questions once; `velocity` reuses the result at every step."""
+        return self.denoiser.encode(cond, cond_mask)
+
+    def velocity(self, x: torch.Tensor, sigma: float, ctx: QuestionContext, guidance: float) -> torch.Tensor:
         """Guided velocity; with guidance != 1 the conditional and unconditional passes share a batch."""
         s = torch.full((x.shape[0],), float(sigma), device=x.device)
         if guidance == 1.0:
-            return self.denoiser(x, s, cond, cond_mask)
+            return self.denoiser(x, s, ctx)
         b = x.shape[0]
-        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
-        v = self.denoiser(torch.cat([x, x]), torch.cat([s, s]), torch.cat([cond, cond]),
-                          torch.cat([cond_mask, cond_mask]), drop)
+        hidden = ctx.hide(torch.ones(b, dtype=torch.bool, device=x.device))
+        v = self.denoiser(torch.cat([x, x]), torch.cat([s, s]), ctx.cat(hidden))
         v_cond, v_uncond = v.chunk(2)
         return v_uncond + guidance * (v_cond - v_uncond)
 
@@ -126,10 +202,8 @@ class DiffusionPolicy(nn.Module):
         if len(counts) != cond.shape[0] or min(counts) < 1:
             raise ValueError(f"need one plan count >= 1 per question, got {num_plans}")
         sc = replace(self.sampler, **{k: v for k, v in overrides.items() if v is not None})
-        reps = torch.tensor(counts, device=cond.device)
-        cond = cond.repeat_interleave(reps, 0)
-        cond_mask = cond_mask.repeat_interleave(reps, 0)
-        shape = (cond.shape[0], self.cfg.latent_tokens, self.cfg.latent_dim)
+        ctx = self.context(cond, cond_mask).repeat(torch.tensor(counts, device=cond.device))
+        shape = (sum(counts), self.cfg.latent_tokens, self.cfg.latent_dim)
         if init_noise is None:
             init_noise = torch.randn(shape, generator=generator, device=cond.device)
         elif tuple(init_noise.shape) != shape:
@@ -140,7 +214,7 @@ class DiffusionPolicy(nn.Module):
         traj, logps = [x], []
         for i in range(sc.steps):
             sig, nxt = float(sigmas[i]), float(sigmas[i + 1])
-            v = self.velocity(x, sig, cond, cond_mask, sc.guidance)
+            v = self.velocity(x, sig, ctx, sc.guidance)
             if sc.diversity:
                 # v points towards noise and dt < 0: subtracting g moves the plans apart.
                 v = v - sc.diversity * sig * flow.repulsion(x, group)

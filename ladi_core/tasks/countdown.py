@@ -1,4 +1,5 @@
-"""Countdown: combine the given numbers with + - * (each exactly once) to reach the target.
+"""Countdown: combine the given numbers with + - * to reach the target, each number exactly once
+(`use_all`) or at most once (at least two of them).
 
 Questions are drawn from a seeded generator that enumerates every solution of a number set, so a
 target is only offered when it has at least `min_solutions` distinct solutions (distinct up to
@@ -19,9 +20,10 @@ from .base import Question, check_split, in_test_split
 
 @dataclass(frozen=True)
 class CountdownConfig:
-    """Difficulty knobs. With `min_numbers` set, a question has between `min_numbers` and
-    `num_numbers` numbers (drawn uniformly, before the target). Few 3-number sets have a target
-    with two distinct solutions, so mixes are dominated by 4-number questions."""
+    """Difficulty knobs. The defaults are the demo task: 4 numbers 1-9, any two or more of them
+    (each at most once), targets 10-60 with at least 3 distinct solutions (about 5,600 such
+    questions, a tenth of them held out). With `min_numbers` set, a question has between
+    `min_numbers` and `num_numbers` numbers (drawn uniformly, before the target)."""
 
     num_numbers: int = 4
     min_numbers: int | None = None  # None: always num_numbers
@@ -29,7 +31,8 @@ class CountdownConfig:
     max_number: int = 9
     min_target: int = 10
     max_target: int = 60
-    min_solutions: int = 2
+    min_solutions: int = 3
+    use_all: bool = False  # True: every number exactly once (classic); False: two or more, each at most once
     test_percent: int = 10
 
 
@@ -52,14 +55,21 @@ def _join(a: _Item, op: str, b: _Item) -> _Item:
 
 
 @functools.lru_cache(maxsize=4096)
-def solve(numbers: tuple[int, ...]) -> dict[int, dict[str, list[str]]]:
-    """target -> canonical solution -> completions (step-by-step texts) reaching it."""
+def solve(numbers: tuple[int, ...], use_all: bool = True) -> dict[int, dict[str, list[str]]]:
+    """target -> canonical solution -> completions (step-by-step texts) reaching it.
+
+    use_all=False also counts every intermediate result as a solution (it used a subset)."""
     out: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
 
+    def record(item: _Item, steps: list[str]) -> None:
+        out[item.node.value][item.node.canon].append("\n".join(steps) + f"\nanswer: {item.expr}")
+
     def rec(pool: list[_Item], steps: list[str]) -> None:
+        if steps and not use_all:
+            record(pool[-1], steps)  # the newest item is the last step's result
         if len(pool) == 1:
-            item = pool[0]
-            out[item.node.value][item.node.canon].append("\n".join(steps) + f"\nanswer: {item.expr}")
+            if use_all:
+                record(pool[0], steps)
             return
         for i in range(len(pool)):
             for j in range(i + 1, len(pool)):
@@ -77,7 +87,7 @@ def solve(numbers: tuple[int, ...]) -> dict[int, dict[str, list[str]]]:
 @functools.lru_cache(maxsize=65536)
 def eligible_targets(c: CountdownConfig, numbers: tuple[int, ...]) -> list[int]:
     """Targets in range with at least `min_solutions` distinct solutions."""
-    sols = solve(numbers)
+    sols = solve(numbers, c.use_all)
     return [t for t in sorted(sols) if c.min_target <= t <= c.max_target and len(sols[t]) >= c.min_solutions]
 
 
@@ -96,7 +106,7 @@ class CountdownTask:
         count = c.num_numbers if c.min_numbers is None else rng.randint(c.min_numbers, c.num_numbers)
         while True:
             numbers = tuple(sorted(rng.randint(c.min_number, c.max_number) for _ in range(count)))
-            sols = solve(numbers)
+            sols = solve(numbers, c.use_all)
             targets = self._targets(numbers)
             if not targets:
                 continue
@@ -104,13 +114,13 @@ class CountdownTask:
             key = f"countdown:{','.join(map(str, numbers))}:{target}"
             if in_test_split(key, c.test_percent) != (split == "test"):
                 continue
-            shown = list(numbers)
-            rng.shuffle(shown)
+            shown = " ".join(map(str, rng.sample(numbers, len(numbers))))
             completions = tuple(rng.choice(v) for v in sols[target].values())  # one per distinct solution
+            prompt = f"Use {shown} to make {target}." if c.use_all else f"Make {target} from {shown}, each at most once."
             return Question(
                 id=key,
-                prompt=f"Use {' '.join(map(str, shown))} to make {target}.",
-                reference={"numbers": list(numbers), "target": target},
+                prompt=prompt,
+                reference={"numbers": list(numbers), "target": target, "use_all": c.use_all},
                 solutions=completions,
             )
 

@@ -1,6 +1,8 @@
-"""Countdown judge: the answer must use exactly the given numbers and reach the target."""
+"""Countdown judge: the answer must reach the target using the given numbers, each exactly once
+(or, with `use_all: false` in the reference, at least two of them, each at most once)."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from .arith import ArithError, parse
@@ -8,7 +10,8 @@ from .base import ZERO, Reward, answer_line
 
 
 class CountdownVerifier:
-    """reference = {"numbers": [...], "target": int}. Format reward: a parseable `answer:` line."""
+    """reference = {"numbers": [...], "target": int, "use_all": bool (default true)}.
+    Format reward: a parseable `answer:` line."""
 
     name = "countdown"
 
@@ -32,10 +35,19 @@ class CountdownVerifier:
         try:
             numbers = tuple(sorted(int(n) for n in reference["numbers"]))
             target = int(reference["target"])
-        except (KeyError, TypeError, ValueError):
+            use_all = reference.get("use_all", True)
+            if not isinstance(use_all, bool):
+                raise TypeError("use_all must be a boolean")
+        except (KeyError, TypeError, ValueError, AttributeError):
             return Reward(0.0, 1.0, node.canon, "bad reference")
-        if node.numbers != numbers:
+        if use_all and node.numbers != numbers:
             return Reward(0.0, 1.0, node.canon, "numbers do not match")
+        if not use_all and (len(node.numbers) < 2 or not _sub_multiset(node.numbers, numbers)):
+            return Reward(0.0, 1.0, node.canon, "numbers are not two or more of the given ones")
         if node.value != target:
             return Reward(0.0, 1.0, node.canon, f"value {node.value} != {target}")
         return Reward(1.0, 1.0, node.canon)
+
+
+def _sub_multiset(used: tuple[int, ...], given: tuple[int, ...]) -> bool:
+    return not (Counter(used) - Counter(given))

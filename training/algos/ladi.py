@@ -10,14 +10,15 @@ import torch
 
 from ladi_core import flow
 from ladi_core.policies import DiffusionPolicy, PlanSample
+from ladi_core.policies.diffusion import QuestionContext
 
 from .common import clipped_surrogate
 
 
-def step_velocity(policy: DiffusionPolicy, x: torch.Tensor, sigma: float, cond: torch.Tensor, mask: torch.Tensor,
+def step_velocity(policy: DiffusionPolicy, x: torch.Tensor, sigma: float, ctx: QuestionContext,
                   guidance: float, diversity: float, group) -> torch.Tensor:
     """The sampler's velocity, repulsion included (it depends on x only, not on the parameters)."""
-    v = policy.velocity(x, sigma, cond, mask, guidance)
+    v = policy.velocity(x, sigma, ctx, guidance)
     if diversity:
         v = v - diversity * sigma * flow.repulsion(x, group)
     return v
@@ -28,10 +29,11 @@ def rescore(policy: DiffusionPolicy, plans: PlanSample, cond: torch.Tensor, mask
     """Log-probability of each stored transition under `policy`: [rows, steps], plus means and stds."""
     logps, means, stds = [], [], []
     sig = plans.sigmas
+    ctx = policy.context(cond, mask)  # once per call: every step attends to the same question
     for k in range(len(sig) - 1):
         s, nxt = float(sig[k]), float(sig[k + 1])
         x = plans.trajectory[k]
-        v = step_velocity(policy, x, s, cond, mask, guidance, diversity, plans.group_size)
+        v = step_velocity(policy, x, s, ctx, guidance, diversity, plans.group_size)
         _, lp, mean, std = flow.sde_step(x, v, s, nxt, noise_level, x_next=plans.trajectory[k + 1])
         logps.append(lp)
         means.append(mean)
