@@ -30,11 +30,11 @@ class SFTConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     policy: DiffusionPolicyConfig = field(default_factory=DiffusionPolicyConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    # demo budget: under 30 minutes on 2 cores (about 0.6 s, 1.3 s and 0.45 s a step). The decoder
-    # gets most of it: held-out pass@1 climbs steeply with its steps (2% at 400, 13% at 1100).
-    decoder_stage: StageConfig = StageConfig(1500, 128, 3e-3)
-    codec_stage: StageConfig = StageConfig(300, 128, 1e-3)
-    prior_stage: StageConfig = StageConfig(600, 128, 1e-3)
+    # demo budget: under 30 minutes on 2 cores (measured 0.6-0.8 s, 1.3-1.7 s and ~0.5 s a step).
+    # The decoder gets most of it: held-out pass@1 climbs steeply with its steps.
+    decoder_stage: StageConfig = StageConfig(1250, 128, 3e-3)
+    codec_stage: StageConfig = StageConfig(250, 128, 1e-3)
+    prior_stage: StageConfig = StageConfig(500, 128, 1e-3)
     stats_examples: int = 4096  # examples used to measure the latent mean/std
     save_every: int = 200  # resumable state every this many steps
     eval_questions: int = 64  # quick held-out check recorded in each checkpoint's provenance
