@@ -3,9 +3,9 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-CHECKPOINT ?= checkpoints/demo
+CHECKPOINT ?= checkpoints/demo-ladi-rl
 
-.PHONY: venv serve test prometheus demo-sft demo-eval clean
+.PHONY: venv serve test prometheus demo-sft demo-eval demo-rl demo-compare clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,22 @@ demo-eval: $(STAMP)
 	$(BIN)/python -m training.eval --checkpoint checkpoints/demo-token --checkpoint checkpoints/demo \
 	    --name token-sft --name latent-sft \
 	    --task countdown --problems 500 --k 1,2,4,8,16,32,64 --out results/sft-demo
+
+# The paper's comparison at small scale: GRPO from the token-level checkpoint, LaDi-RL from the
+# latent one (same budget flags), then all four checkpoints on the same 500 held-out questions.
+demo-rl: $(STAMP)
+	$(BIN)/python -m training.rl --algo grpo --init checkpoints/demo-token --out checkpoints/demo-grpo \
+	    --task countdown --preset demo --seed 0
+	$(BIN)/python -m training.rl --algo ladi --init checkpoints/demo --out checkpoints/demo-ladi-rl --lr 2e-4 \
+	    --task countdown --preset demo --seed 0
+
+demo-compare: $(STAMP)
+	$(BIN)/python -m training.eval --checkpoint checkpoints/demo-token --checkpoint checkpoints/demo-grpo \
+	    --checkpoint checkpoints/demo --checkpoint checkpoints/demo-ladi-rl \
+	    --name base-sft --name token-grpo --name ladir-sft --name ladi-rl \
+	    --task countdown --problems 500 --k 1,2,4,8,16,32,64 --out results/rl-demo
+	$(BIN)/python -m training.rl_curves --run token-grpo=checkpoints/demo-grpo.work/metrics.jsonl \
+	    --run ladi-rl=checkpoints/demo-ladi-rl.work/metrics.jsonl --out results/rl-demo/curves.png
 
 clean:
 	rm -rf $(VENV)
