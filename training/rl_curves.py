@@ -44,11 +44,11 @@ def plot(runs: dict[str, list[dict]], out: Path, window: int = 10) -> None:
 
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
     for ax, (key, title) in zip(axes, PANELS):
-        for name, rows in runs.items():
+        for i, (name, rows) in enumerate(runs.items()):
             pts = [(r["step"], r[key]) for r in rows if key in r and not (key == "plan_diversity" and r[key] == 0)]
             if pts:
                 steps, vals = zip(*pts)
-                ax.plot(steps, smooth(list(vals), window), label=name)
+                ax.plot(steps, smooth(list(vals), window), label=name, color=f"C{i}")  # one colour per run
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
