@@ -55,9 +55,16 @@ class Reasoner:
             raise ValueError(f"backend {backend.name} keeps no embeddings in-process: pass embed_tokens")
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", **backend_kw) -> Reasoner:
-        """transformers backend; the vLLM backend is built by the server."""
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", backend: str = "transformers",
+                        **backend_kw) -> Reasoner:
+        """backend "transformers" (kw: max_batch_seqs) or "vllm" (kw: options=VLLMOptions(...))."""
         ckpt = load_checkpoint(path, device)
+        if backend == "vllm":
+            from .backends.vllm import VLLMBackend  # imports vllm: only when asked for
+
+            return cls(ckpt, VLLMBackend(ckpt.decoder_dir, ckpt.tokenizer, **backend_kw))
+        if backend != "transformers":
+            raise ValueError(f"unknown backend {backend!r}: use 'transformers' or 'vllm'")
         model, _ = load_decoder(ckpt.decoder_dir, device=device)
         return cls(ckpt, TransformersBackend(model, ckpt.tokenizer, **backend_kw))
 

@@ -5,6 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from ladi_core.backends.vllm import VLLMOptions  # a dataclass; vllm itself is imported only to build an engine
+
 
 class Limits(BaseModel):
     """Per-request bounds; anything beyond them is a 400, never a 500 or an out-of-memory worker."""
@@ -22,7 +24,7 @@ class Limits(BaseModel):
 
 
 class ServerConfig(BaseModel):
-    checkpoint: str = "checkpoints/demo"
+    checkpoint: str = "checkpoints/demo-ladi-rl"
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -35,4 +37,5 @@ class ServerConfig(BaseModel):
     max_batch_sequences: int = Field(1024, ge=1, description="decoder rows in one batch")
     batch_window_ms: float = Field(5.0, ge=0, description="how long the scheduler waits for company")
     default_max_tokens: int = 128
+    vllm: VLLMOptions = VLLMOptions()  # engine options for --backend vllm
     log_level: str = "info"
