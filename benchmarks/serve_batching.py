@@ -1,6 +1,6 @@
 """Batched vs one-at-a-time serving, measured in one run.
 
-    python -m benchmarks.serve_batching [--checkpoint checkpoints/demo] [--concurrency 32] [--duration 60]
+    python -m benchmarks.serve_batching [--checkpoint checkpoints/demo-ladi-rl] [--concurrency 32] [--duration 60]
 
 Starts `python -m server` twice on the same checkpoint, first with the default batching and then
 with --max-batch-requests 1, drives each with `clients.bench` at the same concurrency, and
@@ -48,7 +48,7 @@ def serve(checkpoint: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_batching", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/demo")
+    p.add_argument("--checkpoint", default="checkpoints/demo-ladi-rl")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--duration", type=float, default=60)
     p.add_argument("--n", type=int, default=4)

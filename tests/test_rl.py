@@ -185,3 +185,36 @@ def test_two_process_ddp_smoke_run(latent_ckpt, tmp_path):
     assert "ranks in sync" in r.stdout
     assert read_config(out).provenance.metrics["final_eval"]["questions"] == 2
     assert [x["step"] for x in metrics_lines(out)] == [0, 1]
+
+
+def _jsonl_task(tmp_path, verifier: str):
+    """A user's dataset: a few math questions, or HumanEval-format code problems."""
+    rows = []
+    for i in range(12):
+        if verifier == "math":
+            rows.append({"question": f"What is {i} + {i + 3}?", "answer": str(2 * i + 3)})
+        else:
+            rows.append({"question": f"Write add_{i}(x) returning x + {i}.",
+                         "answer": {"prompt": f"def add_{i}(x):\n", "entry_point": f"add_{i}",
+                                    "test": f"def check(candidate):\n    assert candidate(1) == {1 + i}\n"}})
+    for r in rows[:3]:
+        r["split"] = "test"
+    for r in rows[3:]:
+        r["split"] = "train"
+    path = tmp_path / f"{verifier}.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,verifier", [("ladi", "math"), ("grpo", "code")])
+def test_a_users_jsonl_task_trains_without_code_changes(algo, verifier, latent_ckpt, token_ckpt, tmp_path):
+    data = _jsonl_task(tmp_path, verifier)
+    init = latent_ckpt if algo == "ladi" else token_ckpt
+    out = tmp_path / f"rl-{verifier}"
+    final = rl.main(["--algo", algo, "--init", str(init), "--out", str(out), "--preset", "smoke", "--task",
+                     str(data), "--verifier", verifier, "--steps", "2", "--eval-questions", "3"])
+    assert final["questions"] == 3 and 0.0 <= final["pass@1"] <= 1.0
+    assert [x["step"] for x in metrics_lines(out)] == [0, 1]
+    assert read_config(out).provenance.config["task"] == str(data)
+    assert read_config(out).provenance.config["verifier"] == verifier

@@ -1,6 +1,6 @@
 """A generation demo on a checkpoint: questions -> latent plans -> decoded, verified texts.
 
-    python -m training.demo [--checkpoint checkpoints/demo] [--questions 3] [--plans 4] [--samples-per-plan 2]
+    python -m training.demo [--checkpoint checkpoints/demo-ladi-rl] [--questions 3] [--plans 4] [--samples-per-plan 2]
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ladi_core.backends import SamplingParams
 from ladi_core.generation import Reasoner
 from ladi_core.tasks import get_task
 
-DEFAULT_CHECKPOINT = "checkpoints/demo"
+DEFAULT_CHECKPOINT = "checkpoints/demo-ladi-rl"
 
 
 def main(argv=None) -> None:

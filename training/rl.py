@@ -108,8 +108,8 @@ class Trainer:
         if cfg.algo == "ladi":
             if not ck.is_latent:
                 raise SystemExit(f"--algo ladi needs a latent checkpoint; {init} is token-level")
-            # train mode: the denoiser has no dropout, and this keeps torch's inference fast path out,
-            # so a rollout's log-probs and the loss's re-scoring are computed by the same kernels.
+            # train mode throughout: the denoiser has no dropout, so a rollout's log-probs and the
+            # loss's re-scoring see the same function.
             self.policy = ck.policy.train()
             ck.codec.requires_grad_(False)
             self.decoder.requires_grad_(cfg.text_policy_coef > 0)
