@@ -9,7 +9,6 @@ import torch
 
 from ladi_core.backends import SamplingParams
 
-
 PROMPTS = ["Make 23 from 3 4 5 2, each at most once.", "Make 40 from 8 5 1 9, each at most once.",
            "Make 17 from 9 1 1 8, each at most once."]
 
@@ -62,6 +61,7 @@ def test_n_texts_per_plan_are_seeded_and_reproducible(vllm_reasoner, prefixes):
     again = vllm_reasoner.backend.generate(rows, 4, params)
     other = vllm_reasoner.backend.generate(rows, 4, SamplingParams(temperature=1.0, max_tokens=48, seed=8))
     assert [len(r) for r in first] == [4, 4, 4]
+    assert all(d.finish_reason in ("stop", "length") and d.token_ids for row in first for d in row)
     texts = lambda out: [[d.text for d in row] for row in out]  # noqa: E731
     assert texts(first) == texts(again)
     assert texts(first) != texts(other)
@@ -72,4 +72,9 @@ def test_the_reasoner_generates_plans_and_texts_through_vllm(vllm_reasoner):
     (g,) = vllm_reasoner.generate(PROMPTS[:1], plans=3, samples_per_plan=2,
                                   params=SamplingParams(temperature=1.0, max_tokens=48, seed=1))
     assert [c.plan_index for c in g.completions] == [0, 0, 1, 1, 2, 2]
-    assert g.plans.shape[0] == 3 and all(c.text for c in g.completions)
+    assert g.plans.shape[0] == 3 and any(c.text for c in g.completions)
+    tok = vllm_reasoner.tokenizer
+    for c in g.completions:  # the text is the decoded ids, and the finish reason agrees with them
+        assert c.text == tok.decode(c.decoded.token_ids, skip_special_tokens=True)
+        assert c.decoded.finish_reason in ("stop", "length")
+        assert (c.decoded.finish_reason == "length") == (c.decoded.num_tokens == 48)

@@ -70,6 +70,18 @@ class DecoderBackend(Protocol):
         ...
 
 
+def per_prefix_requests(num_prefixes: int, n: int | Sequence[int], params: SamplingParams | Sequence[SamplingParams],
+                        ) -> tuple[list[int], list[SamplingParams]]:
+    """A backend call's arguments as one sample count and one SamplingParams per prefix, checked."""
+    counts = [n] * num_prefixes if isinstance(n, int) else list(n)
+    per_prefix = list(params) if isinstance(params, Sequence) else [params] * num_prefixes
+    if len(per_prefix) != num_prefixes or len(counts) != num_prefixes:
+        raise ValueError(f"{num_prefixes} prefixes need as many SamplingParams and counts")
+    if min(counts) < 1:
+        raise ValueError("n must be >= 1")
+    return counts, per_prefix
+
+
 def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     """Cut `text` at the first stop string, OpenAI-style (the stop string is not returned)."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..decoder import stop_token_ids
-from .base import Decoded, SamplingParams, StepObserver, apply_stop
+from .base import Decoded, SamplingParams, StepObserver, apply_stop, per_prefix_requests
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -52,12 +52,7 @@ class TransformersBackend:
                  observer: StepObserver | None = None) -> list[list[Decoded]]:
         if not prefixes:
             return []
-        counts = [n] * len(prefixes) if isinstance(n, int) else list(n)
-        per_prefix = list(params) if isinstance(params, Sequence) else [params] * len(prefixes)
-        if len(per_prefix) != len(prefixes) or len(counts) != len(prefixes):
-            raise ValueError(f"{len(prefixes)} prefixes need as many SamplingParams and counts")
-        if min(counts) < 1:
-            raise ValueError("n must be >= 1")
+        counts, per_prefix = per_prefix_requests(len(prefixes), n, params)
         # One generator per seeded SamplingParams object, shared by the prefixes that carry it: a
         # request's plans share one, two requests with equal seeds do not (each reproduces alone).
         gens: dict[int, torch.Generator] = {}

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 
 from ..decoder import stop_token_ids
-from .base import Decoded, SamplingParams, StepObserver, apply_stop
+from .base import Decoded, SamplingParams, StepObserver, apply_stop, per_prefix_requests
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ def load_input_embeddings(decoder_dir: str | Path) -> torch.nn.Embedding:
     """The decoder's token embeddings, straight from its safetensors files (no model built)."""
     for f in sorted(Path(decoder_dir).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
+            names = set(st.keys())
             for key in ("model.embed_tokens.weight", "embed_tokens.weight"):
-                if key in st.keys():
+                if key in names:
                     return torch.nn.Embedding.from_pretrained(st.get_tensor(key).float(), freeze=True)
     raise FileNotFoundError(f"{decoder_dir}: no embed_tokens weight in its safetensors files")
 
@@ -84,12 +85,7 @@ class VLLMBackend:
                  observer: StepObserver | None = None) -> list[list[Decoded]]:
         if not prefixes:
             return []
-        counts = [n] * len(prefixes) if isinstance(n, int) else list(n)
-        per_prefix = list(params) if isinstance(params, Sequence) else [params] * len(prefixes)
-        if len(per_prefix) != len(prefixes) or len(counts) != len(prefixes):
-            raise ValueError(f"{len(prefixes)} prefixes need as many SamplingParams and counts")
-        if min(counts) < 1:
-            raise ValueError("n must be >= 1")
+        counts, per_prefix = per_prefix_requests(len(prefixes), n, params)
         offsets = list(itertools.accumulate([0] + counts[:-1]))
         lock = threading.Lock()  # observers are written for one caller at a time
         futures = [asyncio.run_coroutine_threadsafe(self._request(p, c, sp, off, observer, lock), self._loop)
@@ -105,15 +101,15 @@ class VLLMBackend:
         rid = f"ladi-{next(self._ids)}"
         seen = [0] * n
         aborted = [False] * n
-        final = None
+        latest = {}  # child index -> its newest output (an update may carry only some children)
         async for out in self.engine.generate({"prompt_embeds": prefix.detach().cpu()}, sp, rid):
-            final = out
+            latest.update((c.index, c) for c in out.outputs)
             if observer is None:
                 continue
             for c in out.outputs:
                 new = c.token_ids[seen[c.index]:]
                 seen[c.index] = len(c.token_ids)
-                for k, tok in enumerate(new):
+                for tok in new:
                     done = tok in self.stop_ids
                     with lock:
                         abort = observer.on_step(row_offset + c.index, torch.tensor([tok]), torch.tensor([done]))
@@ -124,7 +120,7 @@ class VLLMBackend:
                 break
         results = []
         for j in range(n):
-            c = next((o for o in (final.outputs if final else []) if o.index == j), None)
+            c = latest.get(j)
             if c is None:
                 results.append(Decoded("", [], 0.0, "abort"))
                 continue
@@ -138,5 +134,14 @@ class VLLMBackend:
         return results
 
     def close(self) -> None:
-        self.engine.shutdown()
+        """Shut the engine down on its own loop (its output handler lives there), then stop the loop."""
+        if self.engine is None:
+            return
+
+        async def shutdown():
+            self.engine.shutdown()
+            self.engine = None  # collected now, while the interpreter is whole
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=120)
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)

@@ -65,8 +65,8 @@ class QuestionContext:
         return QuestionContext(self.kv, mask)
 
     def cat(self, other: QuestionContext) -> QuestionContext:
-        return QuestionContext([(torch.cat([k, k2]), torch.cat([v, v2])) for (k, v), (k2, v2) in zip(self.kv, other.kv)],
-                               torch.cat([self.mask, other.mask]))
+        kv = [(torch.cat([k, k2]), torch.cat([v, v2])) for (k, v), (k2, v2) in zip(self.kv, other.kv)]
+        return QuestionContext(kv, torch.cat([self.mask, other.mask]))
 
 
 class _Block(nn.Module):

@@ -116,7 +116,8 @@ class CountdownTask:
                 continue
             shown = " ".join(map(str, rng.sample(numbers, len(numbers))))
             completions = tuple(rng.choice(v) for v in sols[target].values())  # one per distinct solution
-            prompt = f"Use {shown} to make {target}." if c.use_all else f"Make {target} from {shown}, each at most once."
+            prompt = (f"Use {shown} to make {target}." if c.use_all
+                      else f"Make {target} from {shown}, each at most once.")
             return Question(
                 id=key,
                 prompt=prompt,
