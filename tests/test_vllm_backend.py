@@ -68,6 +68,18 @@ def test_n_texts_per_plan_are_seeded_and_reproducible(vllm_reasoner, prefixes):
 
 
 @pytest.mark.slow
+def test_plans_of_one_request_draw_different_streams(vllm_reasoner, prefixes):
+    """One seeded SamplingParams shared by several prefixes (a request's plans): equal prefixes
+    must still get different samples, and the whole call reproduces."""
+    row = prefixes[1][0]
+    params = SamplingParams(temperature=1.0, max_tokens=48, seed=11)
+    out = vllm_reasoner.backend.generate([row, row, row], 1, params)
+    texts = [r[0].text for r in out]
+    assert len(set(texts)) > 1
+    assert [r[0].text for r in vllm_reasoner.backend.generate([row, row, row], 1, params)] == texts
+
+
+@pytest.mark.slow
 def test_the_reasoner_generates_plans_and_texts_through_vllm(vllm_reasoner):
     (g,) = vllm_reasoner.generate(PROMPTS[:1], plans=3, samples_per_plan=2,
                                   params=SamplingParams(temperature=1.0, max_tokens=48, seed=1))

@@ -87,16 +87,24 @@ class VLLMBackend:
             return []
         counts, per_prefix = per_prefix_requests(len(prefixes), n, params)
         offsets = list(itertools.accumulate([0] + counts[:-1]))
+        # Prefixes that carry the same seeded SamplingParams object (one request's plans) take
+        # consecutive seeds, child j of a prefix seeding with seed + j in the engine: no two rows of
+        # a request share a random stream, and the request reproduces alone.
+        seeds, taken = [], {}
+        for sp, c in zip(per_prefix, counts):
+            first = taken.get(id(sp), 0)
+            seeds.append(None if sp.seed is None else sp.seed + first)
+            taken[id(sp)] = first + c
         lock = threading.Lock()  # observers are written for one caller at a time
-        futures = [asyncio.run_coroutine_threadsafe(self._request(p, c, sp, off, observer, lock), self._loop)
-                   for p, c, sp, off in zip(prefixes, counts, per_prefix, offsets)]
+        futures = [asyncio.run_coroutine_threadsafe(self._request(p, c, sp, seed, off, observer, lock), self._loop)
+                   for p, c, sp, seed, off in zip(prefixes, counts, per_prefix, seeds, offsets)]
         return [f.result() for f in futures]
 
-    async def _request(self, prefix: torch.Tensor, n: int, p: SamplingParams, row_offset: int,
+    async def _request(self, prefix: torch.Tensor, n: int, p: SamplingParams, seed: int | None, row_offset: int,
                        observer: StepObserver | None, lock: threading.Lock) -> list[Decoded]:
         from vllm import SamplingParams as VSamplingParams
 
-        sp = VSamplingParams(n=n, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=p.seed,
+        sp = VSamplingParams(n=n, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=seed,
                              logprobs=0, stop_token_ids=self.stop_ids, skip_special_tokens=True)
         rid = f"ladi-{next(self._ids)}"
         seen = [0] * n
