@@ -13,7 +13,7 @@ from ladi_core.backends.vllm import VLLMOptions
 
 from .config import Limits, ServerConfig
 
-DEFAULT_CHECKPOINT = "checkpoints/demo-ladi-rl"
+DEFAULT_CHECKPOINT = ServerConfig.model_fields["checkpoint"].default  # one place says which demo is served
 
 
 def _bool(text: str) -> bool:
