@@ -1,6 +1,6 @@
 """The official OpenAI SDK against a LaDi server, with LaDi's extensions through extra_body.
 
-    python -m clients.chat [--base-url http://127.0.0.1:8000/v1] [--api-key KEY] ["Make 23 from 3 4 5 2, each at most once."]
+    python -m clients.chat [--base-url http://127.0.0.1:8000/v1] [--api-key KEY] ["Make 23 from 3 4 5 2."]
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from openai import OpenAI
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m clients.chat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("question", nargs="?", default="Make 23 from 3 4 5 2, each at most once.")
+    p.add_argument("question", nargs="?", default="Make 23 from 3 4 5 2.")
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--api-key", default="none")
     a = p.parse_args(argv)

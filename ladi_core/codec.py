@@ -26,6 +26,12 @@ class CodecConfig:
     max_len: int = 256
     kl_weight: float = 1e-5
     latent_noise: float = 0.1  # extra Gaussian noise on z while training: a robust decoder
+    # Against posterior collapse (a decoder that already writes the reasoning from the question
+    # alone learns to ignore z): the posterior starts nearly deterministic, so z carries the
+    # reasoning from the first step, and a fraction of the reasoning tokens is hidden from the
+    # decoder's input while the codec trains, so it must read them from the plan.
+    logvar_init: float = -6.0
+    cot_dropout: float = 0.5
 
 
 class LatentEncoder(nn.Module):
@@ -40,6 +46,8 @@ class LatentEncoder(nn.Module):
         self.body = nn.TransformerEncoder(layer, cfg.enc_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.enc_dim)
         self.out = nn.Linear(cfg.enc_dim, 2 * cfg.latent_dim)
+        with torch.no_grad():
+            self.out.bias[cfg.latent_dim:].fill_(cfg.logvar_init)
 
     def forward(self, token_embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """token_embeds [B, T, hidden], mask [B, T] (True = real token) -> (mu, logvar) [B, L, d_z]."""
@@ -79,10 +87,16 @@ class LatentCodec(nn.Module):
         self.register_buffer("latent_mean", torch.zeros(cfg.latent_dim))
         self.register_buffer("latent_std", torch.ones(cfg.latent_dim))
 
-    def encode(self, token_embeds, mask, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, token_embeds, mask, sample: bool = True,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (unnormalised) z and the KL to N(0, I) per example."""
         mu, logvar = self.encoder(token_embeds, mask)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
+        if sample:
+            where = generator.device if generator is not None else mu.device
+            noise = torch.randn(mu.shape, generator=generator, device=where, dtype=mu.dtype).to(mu.device)
+            z = mu + noise * (0.5 * logvar).exp()
+        else:
+            z = mu
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(-2, -1))
         return z, kl
 

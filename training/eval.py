@@ -14,10 +14,11 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ladi_core.backends import SamplingParams
-from ladi_core.generation import Reasoner
+from ladi_core.generation import Reasoner, pad_embeds
 from ladi_core.metrics import distinct_correct, maj_at_k, mean_pairwise_distance, pass_at_k
 from ladi_core.tasks import Question, get_task
 from ladi_core.verifiers import Verifier
@@ -53,6 +54,38 @@ def evaluate(reasoner: Reasoner, questions: list[Question], verifier: Verifier, 
     return records
 
 
+@torch.no_grad()
+def plan_following(reasoner: Reasoner, questions: list[Question], plans: int = 8, max_tokens: int = 96) -> dict:
+    """Does the decoder follow the latent plan? (A collapsed codec writes the same text for any plan.)
+
+    - plan_texts: distinct greedy texts a question's `plans` prior plans decode to, on average
+      (1.0 = the plan is ignored).
+    - reconstruction: the fraction of reference reasonings the decoder writes back exactly, greedily,
+      from their own posterior mean (a codec round trip).
+    """
+    if not reasoner.is_latent:
+        raise ValueError("plan_following needs a latent checkpoint")
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=0)
+    gens = reasoner.generate([q.prompt for q in questions], plans, 1, greedy)
+    distinct = [len({c.text.strip() for c in g.completions}) for g in gens]
+    codec, tok = reasoner.checkpoint.codec, reasoner.tokenizer
+    hits = total = 0
+    for q in questions:
+        refs = [s for s in q.solutions if s] if q.solutions else []
+        if not refs:
+            continue
+        pid = reasoner.prompt_ids([q.prompt])[0]
+        ids = [pid + tok(r, add_special_tokens=False).input_ids + [tok.eos_token_id] for r in refs]
+        rows = [reasoner.embed_tokens(torch.tensor(x)) for x in ids]
+        x, mask = pad_embeds(rows)
+        mu, _ = codec.encoder(x, mask)
+        prompt = reasoner.prompt_embeds([pid])[0]
+        outs = reasoner.decode([prompt] * len(refs), codec.normalize(mu), 1, greedy)
+        hits += sum(o[0].text.strip() == r.strip() for o, r in zip(outs, refs))
+        total += len(refs)
+    return {"plan_texts": statistics.fmean(distinct), "reconstruction": hits / total if total else None}
+
+
 def summarize(records: list[dict], ks: list[int]) -> dict:
     out = {"questions": len(records), "samples": records[0]["n"] if records else 0}
     for k in ks:
@@ -67,18 +100,21 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
 
 
 def markdown_table(results: dict[str, dict], ks: list[int]) -> str:
-    cols = [f"pass@{k}" for k in ks] + [f"maj@{max(ks)}", "distinct_correct", "plan_distance", "format", "wall_s"]
+    cols = [f"pass@{k}" for k in ks] + [f"maj@{max(ks)}", "distinct_correct", "plan_distance", "plan_texts",
+                                        "reconstruction", "format", "wall_s"]
     lines = ["| checkpoint | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, s in results.items():
         cells = []
         for c in cols:
             v = s.get(c)
-            cells.append("-" if v is None else f"{100 * v:.1f}" if c.startswith(("pass", "maj", "format"))
+            cells.append("-" if v is None else f"{100 * v:.1f}" if c.startswith(("pass", "maj", "format", "recon"))
                          else f"{v:.2f}" if isinstance(v, float) else str(v))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\npass@k, maj@k and format in %; distinct_correct = distinct correct solutions per " \
         "question (up to commutativity/associativity); plan_distance = mean pairwise L2 distance of a question's " \
-        "latent plans (normalised latent space).\n"
+        "latent plans (normalised latent space); plan_texts = distinct greedy texts from 8 plans of one question " \
+        "(1 = the decoder ignores the plan); reconstruction = % of reference reasonings decoded back exactly from " \
+        "their own latent.\n"
 
 
 def plot(results: dict[str, dict], ks: list[int], path: Path, title: str) -> None:
@@ -122,6 +158,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-questions", type=int, default=32)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--probe-questions", type=int, default=64,
+                   help="latent checkpoints: questions for the plan-following probe (plan_texts, reconstruction)")
     return p.parse_args(argv)
 
 
@@ -156,6 +194,8 @@ def main(argv=None) -> dict:
                         batch_questions=args.batch_questions, desc=name, steps=args.steps,
                         guidance=args.guidance, diversity=args.diversity)
         summary = summarize(recs, ks)
+        if reasoner.is_latent:
+            summary.update(plan_following(reasoner, questions[:args.probe_questions], max_tokens=args.max_tokens))
         summary.update(wall_s=round(time.time() - t0, 1), kind=reasoner.checkpoint.config.kind,
                        plans=plans if reasoner.is_latent else None, samples_per_plan=spp, checkpoint=str(ckpt))
         results[name], per_question[name] = summary, recs

@@ -34,7 +34,7 @@ from ladi_core.tasks import get_task
 
 from .common import MetricsLog, load_state, lr_at, pad_batch, save_state, set_threads, step_rng
 from .config import PRESETS, SFTConfig, StageConfig, with_overrides
-from .eval import evaluate, summarize
+from .eval import evaluate, plan_following, summarize
 
 
 class Examples:
@@ -96,6 +96,33 @@ def run_stage(name: str, sc: StageConfig, modules: dict[str, torch.nn.Module], p
         m.eval()
 
 
+def latent_reconstruction_loss(decoder, codec: LatentCodec, prompts: list[list[int]], comps: list[list[int]],
+                               pad: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """The codec objective: encode question + reasoning into z, then make the decoder write the
+    reasoning from `[prompt; bot; adapter(z); eot]` with a fraction of the reasoning tokens hidden
+    from its input (replaced by the pad embedding), so that it has to read them from z."""
+    ccfg = codec.cfg
+    embed = decoder.get_input_embeddings()
+    ids, mask = pad_batch([p + c for p, c in zip(prompts, comps)], pad)
+    with torch.no_grad():
+        enc_in = embed(ids)
+    z, kl = codec.encode(enc_in, mask, sample=True, generator=gen)
+    z = z + ccfg.latent_noise * torch.randn(z.shape, generator=gen)
+    plan = codec.adapter(z)
+    hidden_tok = embed(torch.tensor([pad]))[0]
+    rows, labels = [], []
+    for i, (p, c) in enumerate(zip(prompts, comps)):
+        e = embed(torch.tensor(p + c))
+        hide = torch.rand(len(c), generator=gen) < ccfg.cot_dropout
+        ce_in = torch.where(hide[:, None], hidden_tok, e[len(p):])
+        rows.append(torch.cat([e[: len(p)], plan[i], ce_in]))
+        labels.append([-100] * (len(p) + plan.shape[1]) + c)
+    x, xmask = pad_embeds(rows)
+    lab, _ = pad_batch(labels, -100)
+    ce = decoder(inputs_embeds=x, attention_mask=xmask.long(), labels=lab).loss
+    return ce + ccfg.kl_weight * kl.mean(), {"ce": round(ce.item(), 5), "kl": round(kl.mean().item(), 3)}
+
+
 def quick_eval(path: Path, task, cfg: SFTConfig) -> dict:
     """A small held-out pass@1 check, recorded in the checkpoint's provenance."""
     reasoner = Reasoner.from_checkpoint(path)
@@ -106,6 +133,9 @@ def quick_eval(path: Path, task, cfg: SFTConfig) -> dict:
     s = summarize(recs, [1])
     metrics = {"heldout_questions": len(qs), "heldout_pass@1": round(s["pass@1"], 4),
                "heldout_format": round(s["format"], 4)}
+    if reasoner.is_latent:
+        follow = plan_following(reasoner, qs[:32], max_tokens=cfg.max_new_tokens)
+        metrics.update({f"heldout_{k}": round(v, 4) for k, v in follow.items() if v is not None})
     update_metrics(path, metrics)
     print(f"[eval] {path}: {metrics}")
     return metrics
@@ -181,7 +211,6 @@ def main(argv=None) -> Path:
     codec = LatentCodec(replace(cfg.codec, hidden_size=hidden))
     policy = DiffusionPolicy(replace(cfg.policy, hidden_size=hidden, latent_tokens=cfg.codec.latent_tokens,
                                      latent_dim=cfg.codec.latent_dim), cfg.sampler)
-    ccfg = codec.cfg
 
     def encode_inputs(prompts, comps):
         ids, mask = pad_batch([p + c for p, c in zip(prompts, comps)], pad)
@@ -190,19 +219,7 @@ def main(argv=None) -> Path:
 
     def codec_loss(rng, gen):
         prompts, comps = data.batch(cfg.codec_stage.batch_size, rng)
-        enc_in, enc_mask = encode_inputs(prompts, comps)
-        z, kl = codec.encode(enc_in, enc_mask, sample=True)
-        z = z + ccfg.latent_noise * torch.randn(z.shape, generator=gen)
-        plan = codec.adapter(z)
-        rows, labels = [], []
-        for i, (p, c) in enumerate(zip(prompts, comps)):
-            e = embed(torch.tensor(p + c))
-            rows.append(torch.cat([e[: len(p)], plan[i], e[len(p):]]))
-            labels.append([-100] * (len(p) + plan.shape[1]) + c)
-        x, mask = pad_embeds(rows)
-        lab, _ = pad_batch(labels, -100)
-        ce = decoder(inputs_embeds=x, attention_mask=mask.long(), labels=lab).loss
-        return ce + ccfg.kl_weight * kl.mean(), {"ce": round(ce.item(), 5), "kl": round(kl.mean().item(), 3)}
+        return latent_reconstruction_loss(decoder, codec, prompts, comps, pad, gen)
 
     t0 = time.time()
     run_stage("codec", cfg.codec_stage, {"decoder": decoder, "codec": codec},

@@ -1,10 +1,11 @@
 """Countdown: combine the given numbers with + - * to reach the target, each number exactly once
 (`use_all`) or at most once (at least two of them).
 
-Questions are drawn from a seeded generator that enumerates every solution of a number set, so a
-target is only offered when it has at least `min_solutions` distinct solutions (distinct up to
-commutativity and associativity). Reference completions are chain-of-thought steps, one
-`a op b=c` per line, then `answer: <expression>`.
+Prompts read "Make 35 from 3 4 9 8." (the demo rule: each number at most once) or, with
+`use_all`, "Use 3 4 9 8 to make 35.". Questions are drawn from a seeded generator that enumerates
+every solution of a number set, so a target is only offered when it has at least `min_solutions`
+distinct solutions (distinct up to commutativity and associativity). Reference completions are
+chain-of-thought steps, one `a op b=c` per line, then `answer: <expression>`.
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ class CountdownTask:
             shown = " ".join(map(str, rng.sample(numbers, len(numbers))))
             completions = tuple(rng.choice(v) for v in sols[target].values())  # one per distinct solution
             prompt = (f"Use {shown} to make {target}." if c.use_all
-                      else f"Make {target} from {shown}, each at most once.")
+                      else f"Make {target} from {shown}.")
             return Question(
                 id=key,
                 prompt=prompt,
