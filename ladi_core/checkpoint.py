@@ -64,7 +64,10 @@ def git_commit() -> str | None:
         root = Path(__file__).resolve().parent.parent
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # checkpoints/ and results/ are what runs write, not code: rewriting a committed demo
+        # checkpoint must not mark the run that rewrites it as made from modified code
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)checkpoints", ":(exclude)results"], cwd=root,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return (sha + ("-dirty" if dirty else "")) or None
     except (OSError, subprocess.TimeoutExpired):
