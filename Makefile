@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CHECKPOINT ?= checkpoints/demo-ladi-rl
 
-.PHONY: venv serve test prometheus demo-sft demo-eval demo-rl demo-compare clean
+.PHONY: venv serve test prometheus demo-sft demo-eval demo-rl demo-compare bench-backends clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,10 @@ demo-compare: $(STAMP)
 	    --task countdown --problems 500 --k 1,2,4,8,16,32,64 --out results/rl-demo
 	$(BIN)/python -m training.rl_curves --run token-grpo=checkpoints/demo-grpo.work/metrics.jsonl \
 	    --run ladi-rl=checkpoints/demo-ladi-rl.work/metrics.jsonl --out results/rl-demo/curves.png
+
+# LaDi on vLLM vs LaDi on transformers vs plain vLLM serving the same decoder (figures, not a test).
+bench-backends: $(STAMP)
+	$(BIN)/python -m benchmarks.backends --checkpoint $(CHECKPOINT) --out results/bench-backends/cpu.json
 
 clean:
 	rm -rf $(VENV)

@@ -40,7 +40,9 @@ async def run(a) -> dict:
 
     async def one(client: httpx.AsyncClient) -> None:
         body = {"messages": [{"role": "user", "content": rng.choice(prompts)}], "n": a.n, "max_tokens": a.max_tokens,
-                "temperature": a.temperature, "stream": a.stream, "mode": a.mode}
+                "temperature": a.temperature, "stream": a.stream}
+        if a.mode != "sample":  # LaDi's extension; plain OpenAI servers (vLLM) get a plain body
+            body["mode"] = a.mode
         if a.model:
             body["model"] = a.model
         if a.latent_plans:

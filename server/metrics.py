@@ -10,6 +10,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 class ServerMetrics:
     def __init__(self, model_name: str):
         self.registry = r = CollectorRegistry()
+        self.backend_registries: list = []  # e.g. the vLLM engine's own `vllm:` collectors
         self.model_name = model_name
         self.requests = Counter("ladi:requests", "Finished requests by mode and status (HTTP code)",
                                 ["mode", "status"], registry=r)
@@ -26,7 +27,7 @@ class ServerMetrics:
         self.prompt_tokens = Counter("ladi:prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("ladi:generation_tokens", "Tokens generated (all candidates)", registry=r)
         self.plans = Counter("ladi:plans_sampled", "Latent plans denoised", registry=r)
-        self.running = Gauge("ladi:num_requests_running", "Requests in the batch being decoded", registry=r)
+        self.running = Gauge("ladi:num_requests_running", "Requests whose batch is being decoded", registry=r)
         self.waiting = Gauge("ladi:num_requests_waiting", "Requests queued for a batch", registry=r)
         self.batch_requests = Histogram("ladi:batch_size_requests", "Requests per engine batch",
                                         buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
@@ -49,4 +50,4 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         self.refresh_gpu()
-        return generate_latest(self.registry)
+        return b"".join(generate_latest(reg) for reg in [self.registry, *self.backend_registries])

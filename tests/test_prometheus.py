@@ -28,7 +28,7 @@ def test_dashboard_is_well_formed():
     assert dash["uid"] and dash["panels"]
     titles = " ".join(p["title"] for p in dash["panels"]).lower()
     for topic in ("request rate", "latency", "first token", "tokens/s", "plans/s", "decode", "queue", "error",
-                  "gpu"):
+                  "gpu", "vllm engine", "kv-cache"):
         assert topic in titles, topic
 
 
@@ -40,8 +40,10 @@ def prometheus_bin():
     return path
 
 
-def test_every_dashboard_query_returns_data(latent_ckpt, prometheus_bin, tmp_path):
-    with start(latent_ckpt) as live:
+@pytest.mark.parametrize("backend", ["transformers", "vllm"])
+def test_every_dashboard_query_returns_data(backend, prometheus_bin, tmp_path, request):
+    reasoner = request.getfixturevalue("latent_reasoner" if backend == "transformers" else "vllm_latent_reasoner")
+    with start(reasoner) as live:
         port = free_port()
         target = live.url.removeprefix("http://")
         (tmp_path / "prometheus.yml").write_text(
@@ -86,6 +88,9 @@ def test_every_dashboard_query_returns_data(latent_ckpt, prometheus_bin, tmp_pat
                 assert result, f"no data for panel {title!r}: {q}"
                 values = [float(s["value"][1]) for s in result]
                 assert any(v == v for v in values), f"only NaN for panel {title!r}: {q}"  # not all NaN
+            if backend == "vllm":  # the engine's own series are real, not the `or vector(0)` fallback
+                r = httpx.get(f"{api}/query", params={"query": "sum(vllm:generation_tokens_total)"}).json()
+                assert r["data"]["result"] and float(r["data"]["result"][0]["value"][1]) > 0, r
         finally:
             proc.terminate()
             proc.wait(timeout=10)

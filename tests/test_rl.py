@@ -218,3 +218,42 @@ def test_a_users_jsonl_task_trains_without_code_changes(algo, verifier, latent_c
     assert [x["step"] for x in metrics_lines(out)] == [0, 1]
     assert read_config(out).provenance.config["task"] == str(data)
     assert read_config(out).provenance.config["verifier"] == verifier
+
+
+@pytest.mark.slow
+def test_latent_rl_with_vllm_rollouts(latent_ckpt, tmp_path):
+    """LaDi-RL with the texts decoded by a vLLM engine (the decoder is frozen, the plans come from
+    the live policy): the run completes, the policy moves, and the first step is exactly on-policy."""
+    from ladi_core.checkpoint import load_checkpoint
+
+    out = tmp_path / "rl-vllm"
+    final = rl.main(["--algo", "ladi", "--init", str(latent_ckpt), "--out", str(out), "--preset", "smoke",
+                     "--steps", "2", "--eval-questions", "2", "--lr", "1e-3", "--format-weight", "1.0",
+                     "--rollout-backend", "vllm",
+                     "--vllm-cpu-kvcache-space-gib", "1"])
+    assert final["questions"] == 2
+    lines = metrics_lines(out)
+    assert [x["step"] for x in lines] == [0, 1] and lines[0]["clip_frac"] == 0.0
+    assert read_config(out).provenance.config["rollout_backend"] == "vllm"
+    before = load_checkpoint(latent_ckpt).policy.state_dict()
+    after = load_checkpoint(out).policy.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,extra", [("grpo", []), ("ladi", ["--text-policy-coef", "0.5"])])
+def test_training_the_decoder_with_vllm_rollouts_is_refused_on_cpu(algo, extra, latent_ckpt, token_ckpt, tmp_path):
+    """Decoder-training runs need weights pushed into the engine every step; vLLM's CPU build cannot
+    take them in place, so the trainer refuses up front with the reason and the way out."""
+    init = latent_ckpt if algo == "ladi" else token_ckpt
+    with pytest.raises(SystemExit, match="cannot take new weights in place"):
+        rl.main(["--algo", algo, "--init", str(init), "--out", str(tmp_path / "x"), "--preset", "smoke",
+                 "--rollout-backend", "vllm", "--vllm-cpu-kvcache-space-gib", "1", *extra])
+
+
+@pytest.mark.slow
+def test_vllm_rollouts_are_refused_under_torchrun(latent_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="one engine in one process"):
+        rl.main(["--algo", "ladi", "--init", str(latent_ckpt), "--out", str(tmp_path / "x"), "--preset", "smoke",
+                 "--rollout-backend", "vllm"])

@@ -11,7 +11,6 @@ import openai
 import pytest
 from openai import OpenAI
 
-from ladi_core.generation import Reasoner
 from server.app import create_app
 from server.config import Limits, ServerConfig
 from server.engine import Engine, Job, QueueFull
@@ -25,21 +24,37 @@ REF = {"numbers": [2, 3, 4, 5], "target": 23}
 LIMITS = Limits(max_n=8, max_best_of=16, max_latent_plans=16, max_tokens=64, max_body_bytes=200_000)
 
 
-def start(ckpt, **cfg):
-    cfg.setdefault("limits", LIMITS)
-    app = create_app(ServerConfig(checkpoint=str(ckpt), **cfg), Reasoner.from_checkpoint(ckpt))
-    return LiveServer(app)
+@pytest.fixture(scope="module", params=["transformers", "vllm"])
+def backend(request):
+    """Every test below runs against both decoder backends."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def live(latent_ckpt):
-    with start(latent_ckpt, served_model_name="ladi-demo") as s:
+def reasoner(backend, request):
+    return request.getfixturevalue("latent_reasoner" if backend == "transformers" else "vllm_latent_reasoner")
+
+
+@pytest.fixture(scope="module")
+def token_level_reasoner(backend, request):
+    return request.getfixturevalue("token_reasoner" if backend == "transformers" else "vllm_token_reasoner")
+
+
+def start(reasoner, **cfg):
+    cfg.setdefault("limits", LIMITS)
+    cfg = ServerConfig(checkpoint=str(reasoner.checkpoint.path), **cfg)
+    return LiveServer(create_app(cfg, reasoner, reasoner.backend.name))
+
+
+@pytest.fixture(scope="module")
+def live(reasoner):
+    with start(reasoner, served_model_name="ladi-demo") as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def live_token(token_ckpt):
-    with start(token_ckpt) as s:
+def live_token(token_level_reasoner):
+    with start(token_level_reasoner) as s:
         yield s
 
 
@@ -185,6 +200,31 @@ def test_concurrent_requests_are_batched(live, client):
     assert requests == 12 and batches < 12  # some arrived together and shared a batch
 
 
+def test_a_short_request_overtakes_a_long_one_only_with_continuous_batching(live, backend):
+    """vLLM: a request arriving while a long batch decodes joins the engine's running batch and
+    finishes first. transformers: one batch decodes at a time, so it waits for the long one."""
+    async def race():
+        ac = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        done = {}
+
+        async def one(name, n, max_tokens, delay):
+            await asyncio.sleep(delay)
+            # temperature 2: near-uniform tokens, so the long texts rarely stop before max_tokens
+            await ac.chat.completions.create(model="ladi-demo", messages=[{"role": "user", "content": Q}], n=n,
+                                             max_tokens=max_tokens, temperature=2.0, seed=1)
+            done[name] = time.monotonic()
+
+        t0 = time.monotonic()
+        await asyncio.gather(one("long", 8, 64, 0.0), one("short", 1, 2, 0.15))
+        return {k: round(v - t0, 3) for k, v in done.items()}
+
+    done = asyncio.run(race())
+    if backend == "vllm":
+        assert done["short"] < done["long"], done
+    else:
+        assert done["short"] >= done["long"], done
+
+
 def test_seeded_result_does_not_depend_on_company(live, client):
     alone = [c.message.content for c in ask(client, n=2, seed=123).choices]
 
@@ -271,8 +311,8 @@ def test_client_disconnecting_mid_stream_stops_its_generation(live, client):
     assert_still_serving(client)
 
 
-def test_api_key(latent_ckpt):
-    with start(latent_ckpt, api_key="sesame") as s:
+def test_api_key(reasoner):
+    with start(reasoner, api_key="sesame") as s:
         c = OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             c.models.list()
@@ -285,8 +325,8 @@ def test_api_key(latent_ckpt):
         assert httpx.get(s.url + "/health").status_code == 200  # probes need no key
 
 
-def test_bounded_queue_refuses_when_full(latent_reasoner):
-    engine = Engine(latent_reasoner, ServerMetrics("t"), max_queue=2)  # not started: nothing drains
+def test_bounded_queue_refuses_when_full(reasoner):
+    engine = Engine(reasoner, ServerMetrics("t"), max_queue=2)  # not started: nothing drains
     loop = asyncio.new_event_loop()
     from ladi_core.backends import SamplingParams
 
@@ -298,15 +338,20 @@ def test_bounded_queue_refuses_when_full(latent_reasoner):
     loop.close()
 
 
-def test_metrics_exported(live, client):
+def test_metrics_exported(live, client, backend):
     ask(client, n=2)
     text = httpx.get(live.url + "/metrics").text
     for name in ("ladi:requests_total", "ladi:e2e_request_latency_seconds_bucket", "ladi:time_to_first_token_seconds",
                  "ladi:latent_sampling_seconds", "ladi:decode_seconds", "ladi:prompt_tokens_total",
                  "ladi:generation_tokens_total", "ladi:plans_sampled_total", "ladi:num_requests_running",
-                 "ladi:num_requests_waiting"):
+                 "ladi:num_requests_waiting", "ladi:queue_time_seconds_bucket"):
         assert name in text, name
-    assert metric(live.url, "ladi:plans_sampled_total") > 0
+    assert metric(live.url, "ladi:plans_sampled_total") > 0 and metric(live.url, "ladi:queue_time_seconds_count") > 0
+    assert metric(live.url, "ladi:model_info", backend=backend) == 1
+    if backend == "vllm":  # the engine's own collectors, beside ours
+        for name in ("vllm:num_requests_running", "vllm:generation_tokens_total", "vllm:kv_cache_usage_perc"):
+            assert name in text, name
+        assert metric(live.url, "vllm:generation_tokens_total") > 0
 
 
 def test_bench_client(live):

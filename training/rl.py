@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ladi_core.backends import SamplingParams
+from ladi_core.backends.vllm import add_option_arguments, options_from_arguments
 from ladi_core.checkpoint import command_line, git_commit, make_provenance, save_checkpoint, update_metrics
 from ladi_core.codec import build_inputs_embeds
 from ladi_core.generation import Reasoner
@@ -98,8 +99,6 @@ class Trainer:
         if cfg.questions_per_step % self.dist.world:
             raise SystemExit(f"questions_per_step ({cfg.questions_per_step}) must divide by the "
                              f"{self.dist.world} processes")
-        if cfg.rollout_backend != "transformers":
-            raise SystemExit(f"--rollout-backend {cfg.rollout_backend}: only 'transformers' exists in this build")
         self.work = out.with_name(out.name + ".work")
         self.task = get_task(cfg.task, cfg.verifier)
         self.reasoner = Reasoner.from_checkpoint(init)
@@ -124,6 +123,8 @@ class Trainer:
             self.ref = copy.deepcopy(self.decoder).eval() if cfg.kl_beta else None
         else:
             raise SystemExit(f"unknown --algo {cfg.algo!r}: use ladi or grpo")
+        self.decoder_trains = cfg.algo == "grpo" or cfg.text_policy_coef > 0
+        self.rollout = self._rollout_reasoner()
         self.params = [p for g in groups for p in g["params"]]
         self.opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.99))
         self.start = 0
@@ -134,7 +135,40 @@ class Trainer:
             self.work.mkdir(parents=True, exist_ok=True)
         if resume:
             self._load_state()
+            self._push_decoder()
         self.log = MetricsLog(self.work / "metrics.jsonl") if self.dist.main else None
+
+    def _rollout_reasoner(self) -> Reasoner:
+        """Who decodes the rollouts' texts: the trained decoder itself, or a vLLM engine on the same
+        checkpoint that shares the live policy, codec and embeddings (and gets the decoder's weights
+        after every step when the decoder trains)."""
+        cfg = self.cfg
+        if cfg.rollout_backend == "transformers":
+            return self.reasoner
+        if cfg.rollout_backend != "vllm":
+            raise SystemExit(f"unknown --rollout-backend {cfg.rollout_backend!r}: use transformers or vllm")
+        from ladi_core.backends.vllm import VLLMBackend
+
+        ck = self.reasoner.checkpoint
+        if self.decoder.dtype != torch.float32 and cfg.vllm.dtype == "float32":
+            raise SystemExit(f"the decoder trains in {self.decoder.dtype}; set --vllm-dtype to match")
+        backend = VLLMBackend(ck.decoder_dir, ck.tokenizer, cfg.vllm)
+        if self.decoder_trains and not backend.supports_weight_updates:
+            backend.close()
+            what = "--algo grpo" if cfg.algo == "grpo" else "--text-policy-coef > 0"
+            raise SystemExit(f"{what} trains the decoder, and this vLLM build cannot take new weights in place "
+                             "(vLLM's CPU build repacks linear layers at load): use --rollout-backend transformers "
+                             "here, or a GPU build of vLLM")
+        return Reasoner(ck, backend, embed_tokens=self.decoder.get_input_embeddings())
+
+    def _push_decoder(self) -> None:
+        """The engine decodes with the weights being trained (on-policy rollouts)."""
+        if self.rollout is not self.reasoner and self.decoder_trains:
+            self.rollout.backend.update_weights(self.decoder.state_dict())
+
+    def close(self) -> None:
+        if self.rollout is not self.reasoner:
+            self.rollout.backend.close()
 
     # --- state ---------------------------------------------------------------------------------
     def _modules(self) -> dict[str, torch.nn.Module]:
@@ -180,13 +214,13 @@ class Trainer:
         questions, seeds, gen = self._questions(step)
         params = SamplingParams(cfg.temperature, 1.0, cfg.max_new_tokens)
         if cfg.algo == "ladi":
-            ro = latent_rollout(self.reasoner, questions, self.task.verifier, plans=cfg.plans,
+            ro = latent_rollout(self.rollout, questions, self.task.verifier, plans=cfg.plans,
                                 samples_per_plan=cfg.samples_per_plan, params=params, seeds=seeds, generator=gen,
                                 steps=cfg.train_denoising_steps, noise_level=cfg.noise_level, guidance=cfg.guidance,
                                 diversity=cfg.diversity, format_weight=cfg.format_weight, adv_clip=cfg.adv_clip)
             scored, groups_u = ro.scored, ro.utility
         else:
-            ro = token_rollout(self.reasoner, questions, self.task.verifier, group=cfg.plans * cfg.samples_per_plan,
+            ro = token_rollout(self.rollout, questions, self.task.verifier, group=cfg.plans * cfg.samples_per_plan,
                                params=params, seeds=seeds, format_weight=cfg.format_weight, adv_clip=cfg.adv_clip)
             scored, groups_u = ro.scored, ro.scored.rewards
         t_roll = time.time() - t0
@@ -200,6 +234,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
             stats = {**s, "policy_loss": loss.item()}
+        self._push_decoder()
         rewards = scored.rewards
         texts = rewards.numel()
         metrics = {
@@ -284,7 +319,7 @@ class Trainer:
         qs = self.task.questions("test", cfg.eval_questions, seed=0)
         n = max(cfg.eval_k)
         latent = self.reasoner.is_latent
-        recs = evaluate(self.reasoner, qs, self.task.verifier, plans=n if latent else 1,
+        recs = evaluate(self.rollout, qs, self.task.verifier, plans=n if latent else 1,
                         samples_per_plan=1 if latent else n,
                         params=SamplingParams(1.0, 1.0, cfg.max_new_tokens, seed=cfg.seed), progress=False)
         s = summarize(recs, list(cfg.eval_k))
@@ -302,7 +337,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--rollout-backend", choices=["transformers", "vllm"])
+    p.add_argument("--rollout-backend", choices=["transformers", "vllm"],
+                   help="who decodes the rollout texts (vllm: a vLLM engine, weights pushed when the decoder trains)")
+    add_option_arguments(p, RLConfig().vllm)
     p.add_argument("--threads", type=int)
     for name in ("steps", "questions_per_step", "plans", "samples_per_plan", "ppo_epochs", "max_new_tokens",
                  "train_denoising_steps", "save_every", "eval_questions"):
@@ -318,7 +355,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     fields = set(RLConfig.__dataclass_fields__)
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    cfg = replace(PRESETS[args.preset], **overrides)
+    cfg = replace(PRESETS[args.preset], **overrides, vllm=options_from_arguments(args))
+    if cfg.rollout_backend == "vllm" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("--rollout-backend vllm runs one engine in one process; under torchrun use "
+                         "--rollout-backend transformers")
     set_threads(cfg.threads)
     out = Path(args.out)
     trainer = Trainer(cfg, Path(args.init), out, command_line("training.rl", argv), args.resume)
@@ -331,6 +371,7 @@ def main(argv=None) -> dict:
     try:
         return trainer.train()
     finally:
+        trainer.close()
         trainer.dist.close()
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from ladi_core.backends.vllm import VLLMOptions
+
 
 @dataclass(frozen=True)
 class RLConfig:
@@ -43,7 +45,8 @@ class RLConfig:
     eval_questions: int = 100
     eval_k: tuple[int, ...] = (1, 8)
     threads: int = 0
-    rollout_backend: str = "transformers"
+    rollout_backend: str = "transformers"  # transformers | vllm (texts decoded by a vLLM engine)
+    vllm: VLLMOptions = VLLMOptions(dtype="float32", max_model_len=512, cpu_kvcache_space_gib=2)
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:

@@ -74,8 +74,9 @@ def latent_rollout(reasoner: Reasoner, questions: list[Question], verifier: Veri
     sample = reasoner.checkpoint.policy.sample(cond, mask, m, generator=generator, sde=True, steps=steps,
                                                noise_level=noise_level, guidance=guidance, diversity=diversity)
     rows = [e for e in embeds for _ in range(m)]
-    # each plan its own stream: plans of one question must not share their texts' random draws
-    decoded = reasoner.decode(rows, sample.latents, n, seeded_params(params, [s + j for s in seeds for j in range(m)]))
+    # each plan its own streams: plan j's texts take seeds s + j*n .. s + j*n + n-1 (vLLM seeds child i with seed + i)
+    decoded = reasoner.decode(rows, sample.latents, n,
+                              seeded_params(params, [s + j * n for s in seeds for j in range(m)]))
     scored = score(questions, decoded, m * n, verifier, format_weight)
     utility = scored.rewards.view(len(questions), m, n).mean(-1)
     dist = sum(mean_pairwise_distance(sample.latents[i * m:(i + 1) * m]) for i in range(len(questions)))

@@ -35,6 +35,7 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
 
 class TransformersBackend:
     name = "transformers"
+    continuous_batching = False  # a call owns the model until it returns
 
     def __init__(self, model, tokenizer, max_batch_seqs: int = 1024):
         self.model = model.eval()

@@ -11,12 +11,14 @@ policy and the prompt embeddings need it, and a full transformers copy of the de
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import os
+import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -39,6 +41,26 @@ class VLLMOptions:
     max_num_seqs: int | None = None  # the engine's running-sequence cap (its default when None)
 
 
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, defaults: VLLMOptions | None = None) -> None:
+    """`--vllm-<option>` flags for every VLLMOptions field (the server and training.rl share them)."""
+    defaults = defaults or VLLMOptions()
+    for f in fields(VLLMOptions):
+        kind = {"dtype": str, "gpu_memory_utilization": float, "enforce_eager": _bool}.get(f.name, int)
+        default = getattr(defaults, f.name)
+        parser.add_argument(f"--vllm-{f.name.replace('_', '-')}", dest=f"vllm_{f.name}", type=kind, default=default,
+                            help=f"vLLM engine option {f.name} (default {default})")
+
+
+def options_from_arguments(args: argparse.Namespace) -> VLLMOptions:
+    return VLLMOptions(**{f.name: getattr(args, f"vllm_{f.name}") for f in fields(VLLMOptions)})
+
+
 def load_input_embeddings(decoder_dir: str | Path) -> torch.nn.Embedding:
     """The decoder's token embeddings, straight from its safetensors files (no model built)."""
     for f in sorted(Path(decoder_dir).glob("*.safetensors")):
@@ -50,8 +72,25 @@ def load_input_embeddings(decoder_dir: str | Path) -> torch.nn.Embedding:
     raise FileNotFoundError(f"{decoder_dir}: no embed_tokens weight in its safetensors files")
 
 
+def _own_collectors():
+    """The `vllm:` collectors the engine just registered, held in a registry of their own: a later
+    engine in the same process unregisters them from prometheus_client's global one."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    if os.getenv("PROMETHEUS_MULTIPROC_DIR"):  # vLLM's multiprocess mode aggregates through files
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        return get_prometheus_registry()
+    own = CollectorRegistry(auto_describe=False)
+    for collector in list(REGISTRY._collector_to_names):
+        if getattr(collector, "_name", "").startswith("vllm:"):
+            own.register(collector)
+    return own
+
+
 class VLLMBackend:
     name = "vllm"
+    continuous_batching = True  # concurrent generate() calls share the engine's running batch
 
     def __init__(self, decoder_dir: str | Path, tokenizer, options: VLLMOptions | None = None):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -76,9 +115,18 @@ class VLLMBackend:
             return AsyncLLM.from_engine_args(args)
 
         self.engine = asyncio.run_coroutine_threadsafe(build(), self._loop).result()
+        self._registry = _own_collectors()
 
     def input_embeddings(self) -> torch.nn.Module:
         return self._embed
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.model_config.max_model_len
+
+    def prometheus_registry(self):
+        """The engine's own `vllm:` collectors, for the server's /metrics."""
+        return self._registry
 
     def generate(self, prefixes: list[torch.Tensor], n: int | Sequence[int],
                  params: SamplingParams | Sequence[SamplingParams],
@@ -140,6 +188,44 @@ class VLLMBackend:
                                                                else "length")
             results.append(Decoded(text, ids, float(sum(lps)), reason, lps))
         return results
+
+    @property
+    def supports_weight_updates(self) -> bool:
+        """vLLM's CPU build packs every linear layer's weights into oneDNN/SGL kernels at load time
+        and frees the originals, so an in-place reload updates norms, biases and embeddings but not
+        the matmuls (measured: the weights read back as empty tensors). GPU builds reload in place."""
+        from vllm.platforms import current_platform
+
+        return not current_platform.is_cpu()
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load new decoder weights into the running engine (RL, when the decoder trains).
+
+        The weights travel as a safetensors file that the engine's workers reload in place (tensors
+        do not cross vLLM's RPC intact); cached prompt prefixes computed with the old weights are
+        dropped. Tied weights (lm_head = embed_tokens) are sent once."""
+        from safetensors.torch import save_file
+
+        if not self.supports_weight_updates:
+            raise NotImplementedError("vLLM's CPU build cannot take new weights in place (its linear layers "
+                                      "are repacked into CPU kernels at load); restart the engine instead")
+
+        embed = state_dict.get("model.embed_tokens.weight")
+        head = state_dict.get("lm_head.weight")
+        tied = embed is not None and head is not None and head.data_ptr() == embed.data_ptr()
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()
+                   if not (tied and k == "lm_head.weight")}
+        if embed is not None:
+            self._embed.weight.data.copy_(embed.detach().float().cpu())
+
+        async def reload(path: str):
+            await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": path,
+                                                                       "is_checkpoint_format": True})
+            await self.engine.reset_prefix_cache()
+
+        with tempfile.TemporaryDirectory(prefix="ladi-weights-") as tmp:
+            save_file(tensors, os.path.join(tmp, "model.safetensors"))
+            asyncio.run_coroutine_threadsafe(reload(tmp), self._loop).result()
 
     def close(self) -> None:
         """Shut the engine down on its own loop (its output handler lives there), then stop the loop."""

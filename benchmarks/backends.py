@@ -1,0 +1,98 @@
+"""LaDi on vLLM vs LaDi on transformers vs plain vLLM, measured in one run.
+
+    python -m benchmarks.backends [--checkpoint checkpoints/demo-ladi-rl] [--concurrency 16] [--duration 60]
+
+Starts, one after another on the same machine: `python -m server --backend vllm`, `python -m server
+--backend transformers` (both on the LaDi checkpoint: M latent plans per request, one text each), and
+plain vLLM's OpenAI server on the checkpoint's `decoder/` directory (n texts from the bare prompt).
+Each is driven by `clients.bench` with the same concurrency, duration, prompts and sequences per
+request (n); prints every result, completion tokens/s, and the ratios as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from clients import bench
+from clients.report import emit_json
+
+from .serve_batching import free_port
+
+
+def start(cmd: list[str], port: int, timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{' '.join(cmd)} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"{' '.join(cmd)} did not become healthy in {timeout:.0f}s")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.backends", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="checkpoints/demo-ladi-rl")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--duration", type=float, default=60)
+    p.add_argument("--n", type=int, default=4, help="sequences per request (LaDi: latent plans, one text each)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32", help="engine dtype for both vLLM runs")
+    p.add_argument("--only", help="comma-separated subset of ladi-vllm,ladi-transformers,plain-vllm")
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    decoder = str(Path(a.checkpoint) / "decoder")
+    runs = {
+        "ladi-vllm": lambda port: [sys.executable, "-m", "server", "--checkpoint", a.checkpoint, "--port", str(port),
+                                   "--backend", "vllm", "--vllm-dtype", a.dtype, "--log-level", "warning"],
+        "ladi-transformers": lambda port: [sys.executable, "-m", "server", "--checkpoint", a.checkpoint,
+                                           "--port", str(port), "--backend", "transformers", "--log-level", "warning"],
+        "plain-vllm": lambda port: [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", decoder,
+                                    "--port", str(port), "--dtype", a.dtype, "--enforce-eager",
+                                    "--served-model-name", "plain"],
+    }
+    chosen = a.only.split(",") if a.only else list(runs)
+    results = {}
+    for name in chosen:
+        port = free_port()
+        proc, url = start(runs[name](port), port)
+        try:
+            ns = argparse.Namespace(base_url=url + "/v1", api_key=None, model="plain" if name == "plain-vllm" else None,
+                                    concurrency=a.concurrency, requests=0, duration=a.duration, n=a.n,
+                                    latent_plans=None, max_tokens=a.max_tokens, temperature=1.0, mode="sample",
+                                    stream=False, timeout=300, out=None)
+            results[name] = asyncio.run(bench.run(ns))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    tps = {k: v["completion_tokens_per_s"] for k, v in results.items()}
+    ratio = lambda x, y: round(tps[x] / max(tps[y], 1e-9), 3) if x in tps and y in tps else None  # noqa: E731
+    summary = {"checkpoint": a.checkpoint, "concurrency": a.concurrency, "duration_s": a.duration, "n": a.n,
+               "max_tokens": a.max_tokens, "dtype": a.dtype, "completion_tokens_per_s": tps,
+               "ladi_vllm_over_plain_vllm": ratio("ladi-vllm", "plain-vllm"),
+               "ladi_vllm_over_ladi_transformers": ratio("ladi-vllm", "ladi-transformers"), "runs": results}
+    return emit_json(summary, a.out)
+
+
+if __name__ == "__main__":
+    main()
