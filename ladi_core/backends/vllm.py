@@ -39,6 +39,10 @@ class VLLMOptions:
     cpu_kvcache_space_gib: int | None = None  # CPU builds: VLLM_CPU_KVCACHE_SPACE
     enforce_eager: bool = True
     max_num_seqs: int | None = None  # the engine's running-sequence cap (its default when None)
+    # None: off on CPU, vLLM's default elsewhere. vLLM-CPU 0.32 kills the engine when a seeded
+    # request's prompt is prefilled in chunks (it rewinds the request's generator, which CPU
+    # generators cannot do); whole-prompt prefill never rewinds.
+    enable_chunked_prefill: bool | None = None
 
 
 def _bool(text: str) -> bool:
@@ -51,7 +55,8 @@ def add_option_arguments(parser: argparse.ArgumentParser, defaults: VLLMOptions 
     """`--vllm-<option>` flags for every VLLMOptions field (the server and training.rl share them)."""
     defaults = defaults or VLLMOptions()
     for f in fields(VLLMOptions):
-        kind = {"dtype": str, "gpu_memory_utilization": float, "enforce_eager": _bool}.get(f.name, int)
+        kind = {"dtype": str, "gpu_memory_utilization": float, "enforce_eager": _bool,
+                "enable_chunked_prefill": _bool}.get(f.name, int)
         default = getattr(defaults, f.name)
         parser.add_argument(f"--vllm-{f.name.replace('_', '-')}", dest=f"vllm_{f.name}", type=kind, default=default,
                             help=f"vLLM engine option {f.name} (default {default})")
@@ -106,7 +111,13 @@ class VLLMBackend:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
         self._thread.start()
+        from vllm.platforms import current_platform
+
+        chunked = opts.enable_chunked_prefill
+        if chunked is None and current_platform.is_cpu():
+            chunked = False
         args = AsyncEngineArgs(model=str(decoder_dir), enable_prompt_embeds=True, dtype=opts.dtype,
+                               enable_chunked_prefill=chunked,
                                max_model_len=opts.max_model_len, gpu_memory_utilization=opts.gpu_memory_utilization,
                                tensor_parallel_size=opts.tensor_parallel_size, enforce_eager=opts.enforce_eager,
                                max_num_seqs=opts.max_num_seqs)
