@@ -41,8 +41,11 @@ async def run(a) -> dict:
             return extra["pass_at_k"]["correct"], len(r.choices)
 
     t0 = time.time()
-    results = await asyncio.gather(*(one(i, q) for i, q in enumerate(questions)))
-    bar.close()
+    try:
+        results = await asyncio.gather(*(one(i, q) for i, q in enumerate(questions)))
+    finally:
+        bar.close()
+        await client.close()  # inside the loop: closing after asyncio.run() ends raises noise
     summary = {"base_url": a.base_url, "model": model, "task": a.task, "questions": len(questions),
                "samples": n, "wall_s": round(time.time() - t0, 1)}
     for k in ks:
