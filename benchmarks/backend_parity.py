@@ -14,14 +14,12 @@ import argparse
 import asyncio
 import math
 import statistics
-import subprocess
 import sys
 
 from clients import eval as ceval
 from clients.report import emit_json
 
-from .backends import start
-from .serve_batching import free_port
+from .servers import free_port, start, stop
 
 
 def main(argv=None) -> dict:
@@ -44,11 +42,7 @@ def main(argv=None) -> dict:
                                     concurrency=a.concurrency, seed=1234, per_question=True)
             results[backend] = asyncio.run(ceval.run(ns))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     n = results["vllm"]["samples"]
     diffs = [(x - y) / n for x, y in zip(results["vllm"].pop("correct_per_question"),
                                         results["transformers"].pop("correct_per_question"))]

@@ -13,36 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
-
-import httpx
 
 from clients import bench
 from clients.report import emit_json
 
-from .serve_batching import free_port
-
-
-def start(cmd: list[str], port: int, timeout: float = 300) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{' '.join(cmd)} exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"{' '.join(cmd)} did not become healthy in {timeout:.0f}s")
+from .servers import free_port, start, stop
 
 
 def main(argv=None) -> dict:
@@ -79,11 +56,7 @@ def main(argv=None) -> dict:
                                     stream=False, timeout=300, out=None)
             results[name] = asyncio.run(bench.run(ns))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     tps = {k: v["completion_tokens_per_s"] for k, v in results.items()}
     ratio = lambda x, y: round(tps[x] / max(tps[y], 1e-9), 3) if x in tps and y in tps else None  # noqa: E731

@@ -11,38 +11,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
-import time
-
-import httpx
 
 from clients import bench
 from clients.report import emit_json
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .servers import free_port, start, stop
 
 
 def serve(checkpoint: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--checkpoint", checkpoint, "--port", str(port),
-                             "--backend", "transformers", "--log-level", "warning", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not become healthy")
+    return start([sys.executable, "-m", "server", "--checkpoint", checkpoint, "--port", str(port),
+                  "--backend", "transformers", "--log-level", "warning", *extra], port, timeout=120)
 
 
 def main(argv=None) -> dict:
@@ -65,8 +46,7 @@ def main(argv=None) -> dict:
                                     timeout=300, out=None)
             results[name] = asyncio.run(bench.run(ns))
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop(proc)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     b, o = results["batched"], results["one_at_a_time"]
     summary = {
