@@ -70,11 +70,6 @@ def parse(model_cls, data: dict):
                        code="invalid_parameter") from None
 
 
-def _context_length(reasoner: Reasoner) -> int | None:
-    cfg = reasoner.checkpoint.decoder_dir / "config.json"
-    return json.loads(cfg.read_text()).get("max_position_embeddings") if cfg.is_file() else None
-
-
 class Server:
     """The app's state: config, reasoner, engine and metrics, plus request validation."""
 
@@ -91,7 +86,7 @@ class Server:
                              max_batch_sequences=cfg.max_batch_sequences, batch_window_ms=cfg.batch_window_ms)
         self.backend_name = backend_name
         self.task = reasoner.checkpoint.config.task
-        self.max_positions = getattr(reasoner.backend, "max_model_len", None) or _context_length(reasoner)
+        self.max_positions = reasoner.backend.max_model_len
 
     # --- validation --------------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:

@@ -157,8 +157,7 @@ class Engine:
         self.max_batch_requests = max_batch_requests
         self.max_batch_sequences = max_batch_sequences
         self.window = batch_window_ms / 1000
-        continuous = getattr(reasoner.backend, "continuous_batching", False)
-        self.max_inflight = max_inflight_batches or (8 if continuous else 1)
+        self.max_inflight = max_inflight_batches or (8 if reasoner.backend.continuous_batching else 1)
         self._slots = threading.BoundedSemaphore(self.max_inflight)
         self._decoders = ThreadPoolExecutor(self.max_inflight, thread_name_prefix="ladi-decode")
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)

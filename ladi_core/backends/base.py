@@ -59,6 +59,7 @@ class StepObserver(Protocol):
 class DecoderBackend(Protocol):
     name: str
     continuous_batching: bool  # True: concurrent generate() calls are batched together by the backend
+    max_model_len: int | None  # the longest prefix + continuation it decodes (None: unknown)
 
     def input_embeddings(self) -> torch.nn.Module | None:
         """The decoder's token-embedding module when it lives in this process (shared, not copied)."""

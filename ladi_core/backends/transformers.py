@@ -47,6 +47,10 @@ class TransformersBackend:
     def input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
 
+    @property
+    def max_model_len(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     @torch.inference_mode()
     def generate(self, prefixes: list[torch.Tensor], n: int | Sequence[int],
                  params: SamplingParams | Sequence[SamplingParams],
