@@ -66,7 +66,7 @@ def build_app(cfg: ServerConfig):
     else:
         reasoner = Reasoner.from_checkpoint(cfg.checkpoint, device=cfg.device,
                                             max_batch_seqs=cfg.max_batch_sequences)
-    return create_app(cfg, reasoner, backend)
+    return create_app(cfg, reasoner, backend, owns_reasoner=True)
 
 
 def main(argv=None) -> None:

@@ -137,7 +137,10 @@ class Server:
         return ids
 
 
-def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "transformers") -> FastAPI:
+def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "transformers",
+               owns_reasoner: bool = False) -> FastAPI:
+    """owns_reasoner: shut the backend down with the app (the vLLM engine lives in processes of its
+    own, and uvicorn ends the process by re-raising SIGTERM, so this is the last chance)."""
     srv = Server(cfg, reasoner, backend_name)
 
     @asynccontextmanager
@@ -145,6 +148,9 @@ def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "trans
         srv.engine.start()
         yield
         srv.engine.stop()
+        close = getattr(reasoner.backend, "close", None)
+        if owns_reasoner and close is not None:
+            close()
 
     app = FastAPI(title="LaDi reasoning server", lifespan=lifespan)
     app.state.server = srv

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import httpx
+import psutil
 import pytest
 from openai import OpenAI
 
@@ -30,5 +31,10 @@ def test_python_m_server_answers_on_the_default_backend(latent_ckpt, tmp_path):
                                                messages=[{"role": "user", "content": "Make 23 from 3 4 5 2."}])
             assert sorted(c.plan_index for c in r.choices) == [0, 1, 2]
             assert "vllm:num_requests_running" in httpx.get(url + "/metrics").text
+            engine_procs = psutil.Process(proc.pid).children(recursive=True)
+            assert engine_procs  # vLLM's engine core and worker run as processes of their own
         finally:
             stop(proc)
+    # SIGTERM ends the server and, with it, the engine's processes (none left orphaned)
+    _, alive = psutil.wait_procs(engine_procs, timeout=30)
+    assert not alive, alive
