@@ -31,15 +31,18 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=4, help="sequences per request (LaDi: latent plans, one text each)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32", help="engine dtype for both vLLM runs")
+    p.add_argument("--denoising-steps", type=int, help="LaDi servers' --denoising-steps (default: the checkpoint's)")
     p.add_argument("--only", help="comma-separated subset of ladi-vllm,ladi-transformers,plain-vllm")
     p.add_argument("--out")
     a = p.parse_args(argv)
     decoder = str(Path(a.checkpoint) / "decoder")
+    steps = ["--denoising-steps", str(a.denoising_steps)] if a.denoising_steps else []
     runs = {
         "ladi-vllm": lambda port: [sys.executable, "-m", "server", "--checkpoint", a.checkpoint, "--port", str(port),
-                                   "--backend", "vllm", "--vllm-dtype", a.dtype, "--log-level", "warning"],
+                                   "--backend", "vllm", "--vllm-dtype", a.dtype, "--log-level", "warning", *steps],
         "ladi-transformers": lambda port: [sys.executable, "-m", "server", "--checkpoint", a.checkpoint,
-                                           "--port", str(port), "--backend", "transformers", "--log-level", "warning"],
+                                           "--port", str(port), "--backend", "transformers", "--log-level", "warning",
+                                           *steps],
         "plain-vllm": lambda port: [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", decoder,
                                     "--port", str(port), "--dtype", a.dtype, "--enforce-eager",
                                     "--served-model-name", "plain"],
@@ -60,7 +63,8 @@ def main(argv=None) -> dict:
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     tps = {k: v["completion_tokens_per_s"] for k, v in results.items()}
     ratio = lambda x, y: round(tps[x] / max(tps[y], 1e-9), 3) if x in tps and y in tps else None  # noqa: E731
-    summary = {"checkpoint": a.checkpoint, "concurrency": a.concurrency, "duration_s": a.duration, "n": a.n,
+    summary = {"checkpoint": a.checkpoint, "denoising_steps": a.denoising_steps, "concurrency": a.concurrency,
+               "duration_s": a.duration, "n": a.n,
                "max_tokens": a.max_tokens, "dtype": a.dtype, "completion_tokens_per_s": tps,
                "ladi_vllm_over_plain_vllm": ratio("ladi-vllm", "plain-vllm"),
                "ladi_vllm_over_ladi_transformers": ratio("ladi-vllm", "ladi-transformers"), "runs": results}

@@ -37,5 +37,10 @@ class ServerConfig(BaseModel):
     max_batch_sequences: int = Field(1024, ge=1, description="decoder rows in one batch")
     batch_window_ms: float = Field(5.0, ge=0, description="how long the scheduler waits for company")
     default_max_tokens: int = 128
+    denoising_steps: int | None = Field(None, ge=1, description=(
+        "plan denoising steps when a request names none (default: the checkpoint's sampler)"))
+    torch_threads: int | None = Field(None, ge=1, description=(
+        "torch intra-op threads in the server process (the latent policy; the transformers decoder). "
+        "Default: 1 beside a vLLM engine, whose own threads need the cores; torch's default otherwise"))
     vllm: VLLMOptions = VLLMOptions()  # engine options for --backend vllm
     log_level: str = "info"

@@ -123,7 +123,7 @@ def select(mode: str, cands: list[Candidate], lay: Layout, rule: str, verifier: 
     if mode == "sample":
         chosen = spread(cands, lay)[: lay.choices]
         ok = verify_all(chosen, verifier, reference) if checked else [None] * len(chosen)
-        return [Scored(x, x.decoded.mean_logprob, v) for x, v in zip(chosen, ok)], None
+        return [Scored(x, None, v) for x, v in zip(chosen, ok)], None
     # best_of_n
     likelihood = [c.decoded.mean_logprob for c in cands]
     if rule in ("auto", "verifier") and checked:

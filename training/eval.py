@@ -12,6 +12,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,8 +36,7 @@ def evaluate(reasoner: Reasoner, questions: list[Question], verifier: Verifier, 
     for start in range(0, len(questions), batch_questions):
         chunk = questions[start:start + batch_questions]
         seed = None if params.seed is None else params.seed + start
-        gens = reasoner.generate([q.prompt for q in chunk], plans, samples_per_plan,
-                                 SamplingParams(params.temperature, params.top_p, params.max_tokens, seed, params.stop),
+        gens = reasoner.generate([q.prompt for q in chunk], plans, samples_per_plan, replace(params, seed=seed),
                                  **plan_overrides)
         for q, g in zip(chunk, gens):
             rewards = [verifier.score(c.text, q.reference) for c in g.completions]

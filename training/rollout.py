@@ -8,7 +8,7 @@ normalised over the question's M plans.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,7 +48,7 @@ def score(questions: list[Question], decoded: list[list[Decoded]], per_question:
 def seeded_params(base: SamplingParams, seeds: list[int]) -> list[SamplingParams]:
     """One SamplingParams (so one generator) per prefix: each question's texts depend on its own
     seed, not on which other questions share the batch or the process."""
-    return [SamplingParams(base.temperature, base.top_p, base.max_tokens, s, base.stop) for s in seeds]
+    return [replace(base, seed=s) for s in seeds]
 
 
 @dataclass

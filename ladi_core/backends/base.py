@@ -19,6 +19,7 @@ class SamplingParams:
     max_tokens: int = 128
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: bool = True  # False: a backend may skip them (vLLM computes them only when asked)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -31,11 +32,12 @@ class SamplingParams:
 
 @dataclass
 class Decoded:
-    """One sampled continuation. logprob: sum of the model's (temperature-1) token log-probs."""
+    """One sampled continuation. logprob: sum of the model's (temperature-1) token log-probs; None
+    when the sampling parameters did not ask for them and the backend skipped them."""
 
     text: str
     token_ids: list[int]
-    logprob: float
+    logprob: float | None
     finish_reason: str  # "stop" | "length" | "abort"
     token_logprobs: list[float] = field(default_factory=list)
 
@@ -44,8 +46,8 @@ class Decoded:
         return len(self.token_ids)
 
     @property
-    def mean_logprob(self) -> float:
-        return self.logprob / max(1, len(self.token_ids))
+    def mean_logprob(self) -> float | None:
+        return None if self.logprob is None else self.logprob / max(1, len(self.token_ids))
 
 
 class StepObserver(Protocol):

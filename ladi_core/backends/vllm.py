@@ -162,42 +162,50 @@ class VLLMBackend:
     async def _request(self, prefix: torch.Tensor, n: int, p: SamplingParams, seed: int | None, row_offset: int,
                        observer: StepObserver | None, lock: threading.Lock) -> list[Decoded]:
         from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
+        # DELTA: each update carries only new tokens (no per-step copies of whole outputs)
         sp = VSamplingParams(n=n, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=seed,
-                             logprobs=0, stop_token_ids=self.stop_ids, skip_special_tokens=True)
+                             logprobs=0 if p.logprobs else None, stop_token_ids=self.stop_ids,
+                             skip_special_tokens=True, output_kind=RequestOutputKind.DELTA)
         rid = f"ladi-{next(self._ids)}"
-        seen = [0] * n
+        ids: list[list[int]] = [[] for _ in range(n)]
+        lps: list[list[float]] = [[] for _ in range(n)]
+        texts: list[list[str]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
         aborted = [False] * n
-        latest = {}  # child index -> its newest output (an update may carry only some children)
         async for out in self.engine.generate({"prompt_embeds": prefix.detach().cpu()}, sp, rid):
-            latest.update((c.index, c) for c in out.outputs)
-            if observer is None:
-                continue
             for c in out.outputs:
-                new = c.token_ids[seen[c.index]:]
-                seen[c.index] = len(c.token_ids)
+                j = c.index
+                new = list(c.token_ids)
+                ids[j].extend(new)
+                texts[j].append(c.text)
+                if c.logprobs:
+                    lps[j].extend(lp[t].logprob for lp, t in zip(c.logprobs, new))
+                finish[j] = c.finish_reason or finish[j]
+                if observer is None:
+                    continue
                 for tok in new:
                     done = tok in self.stop_ids
                     with lock:
-                        abort = observer.on_step(row_offset + c.index, torch.tensor([tok]), torch.tensor([done]))
+                        abort = observer.on_step(row_offset + j, torch.tensor([tok]), torch.tensor([done]))
                     if abort is not None and bool(abort[0]):
-                        aborted[c.index] = True
+                        aborted[j] = True
             if all(aborted):
                 await self.engine.abort(rid)
                 break
         results = []
         for j in range(n):
-            c = latest.get(j)
-            if c is None:
-                results.append(Decoded("", [], 0.0, "abort"))
+            if not ids[j] and finish[j] is None:
+                results.append(Decoded("", [], 0.0 if p.logprobs else None, "abort"))
                 continue
-            ids = [t for t in c.token_ids if t not in self.stop_ids]
-            text, stopped = apply_stop(c.text, p.stop)
+            kept = [t for t in ids[j] if t not in self.stop_ids]
+            text, stopped = apply_stop("".join(texts[j]), p.stop)
             # like the transformers backend: the stop token's log-prob counts, its id is not returned
-            lps = [lp[t].logprob for lp, t in zip(c.logprobs or [], c.token_ids)]
-            reason = "abort" if aborted[j] and not stopped else ("stop" if stopped or c.finish_reason == "stop"
+            reason = "abort" if aborted[j] and not stopped else ("stop" if stopped or finish[j] == "stop"
                                                                else "length")
-            results.append(Decoded(text, ids, float(sum(lps)), reason, lps))
+            logprob = float(sum(lps[j])) if p.logprobs else None
+            results.append(Decoded(text, kept, logprob, reason, lps[j]))
         return results
 
     @property

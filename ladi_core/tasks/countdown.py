@@ -24,8 +24,9 @@ class CountdownConfig:
     """Difficulty knobs. The defaults are the demo task: 4 numbers 1-9, any two or more of them
     (each at most once), targets 10-60 with at least 4 distinct solutions: 3,548 questions, 508 of
     them held out (15%, so that a 500-question evaluation fits). Four solutions rather than three
-    put the token-level SFT model in the 30-60% pass@1 band the RL stage needs room in. With `min_numbers` set, a question has between
-    `min_numbers` and `num_numbers` numbers (drawn uniformly, before the target)."""
+    put the token-level SFT model in the 30-60% pass@1 band the RL stage needs room in. With
+    `min_numbers` set, a question has between `min_numbers` and `num_numbers` numbers (drawn
+    uniformly, before the target)."""
 
     num_numbers: int = 4
     min_numbers: int | None = None  # None: always num_numbers
