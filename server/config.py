@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from ladi_core.backends.vllm import VLLMOptions  # a dataclass; vllm itself is imported only to build an engine
 
@@ -44,3 +44,11 @@ class ServerConfig(BaseModel):
         "Default: 1 beside a vLLM engine, whose own threads need the cores; torch's default otherwise"))
     vllm: VLLMOptions = VLLMOptions()  # engine options for --backend vllm
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _steps_within_limit(self) -> ServerConfig:
+        """The server's own default obeys the limit every request's `denoising_steps` obeys."""
+        if self.denoising_steps is not None and self.denoising_steps > self.limits.max_denoising_steps:
+            raise ValueError(f"denoising_steps {self.denoising_steps} exceeds max_denoising_steps "
+                             f"{self.limits.max_denoising_steps}")
+        return self
