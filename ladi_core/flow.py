@@ -8,20 +8,27 @@ per-step PPO ratio. Everything here is elementwise over any trailing shape.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 
-def sigma_schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
-    """steps + 1 noise levels from 1 down to 0, from diffusers' flow-matching scheduler."""
+@functools.lru_cache(maxsize=64)
+def _sigmas(steps: int, shift: float) -> torch.Tensor:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if steps < 1:
-        raise ValueError(f"denoising steps must be >= 1, got {steps}")
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     sched.set_timesteps(steps)
     return sched.sigmas.to(torch.float32)
+
+
+def sigma_schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """steps + 1 noise levels from 1 down to 0, from diffusers' flow-matching scheduler (built once
+    per setting: building the scheduler costs more than a denoising step)."""
+    if steps < 1:
+        raise ValueError(f"denoising steps must be >= 1, got {steps}")
+    return _sigmas(int(steps), float(shift)).clone()
 
 
 def ode_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,12 +94,21 @@ class Reasoner:
                params: SamplingParams | list[SamplingParams], observer: StepObserver | None = None,
                ) -> list[list[Decoded]]:
         """N texts for each (prompt, plan) row; plans [B, L, d_z] aligned with the rows, or None."""
+        return self.backend.generate(self.prefixes(prompt_embeds, plans), samples_per_plan, params, observer)
+
+    @torch.no_grad()
+    def submit_decode(self, prompt_embeds: list[torch.Tensor], plans: torch.Tensor | None,
+                      samples_per_plan: int | list[int], params: SamplingParams | list[SamplingParams],
+                      observer: StepObserver | None = None) -> list[Future[list[Decoded]]]:
+        """`decode` with one future per row, each done when its texts are (see `DecoderBackend.submit`)."""
+        return self.backend.submit(self.prefixes(prompt_embeds, plans), samples_per_plan, params, observer)
+
+    def prefixes(self, prompt_embeds: list[torch.Tensor], plans: torch.Tensor | None) -> list[torch.Tensor]:
+        """The decoder's input per row: the prompt, then the plan's [bot; adapter(z); eot] when there is one."""
         if plans is None:
-            prefixes = prompt_embeds
-        else:
-            plan_embeds = self.checkpoint.codec.plan_embeds(plans)
-            prefixes = [torch.cat([e, p.to(e.dtype)]) for e, p in zip(prompt_embeds, plan_embeds)]
-        return self.backend.generate(prefixes, samples_per_plan, params, observer)
+            return prompt_embeds
+        plan_embeds = self.checkpoint.codec.plan_embeds(plans)
+        return [torch.cat([e, p.to(e.dtype)]) for e, p in zip(prompt_embeds, plan_embeds)]
 
     @torch.no_grad()
     def generate(self, prompts: list[str], plans: int = 1, samples_per_plan: int = 1,

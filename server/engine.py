@@ -6,7 +6,8 @@ company.
 How many batches decode at once follows the backend: the transformers backend owns the model for
 the length of a call, so one batch decodes at a time; vLLM schedules concurrent calls into its own
 continuous batches, so the worker keeps denoising new arrivals and submitting them while earlier
-batches are still decoding (up to `max_inflight_batches`).
+batches are still decoding (up to `max_inflight_batches`). Each request is answered as soon as
+its own rows are done, not when its whole batch is.
 
 Events flow back to each request's asyncio queue: ("delta", candidate, text) while decoding (for
 streaming), then ("done", candidates) or ("error", exception). A request whose client left is
@@ -15,11 +16,12 @@ marked cancelled: its rows are aborted at the next decoding step.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -86,11 +88,10 @@ class _RowTracker:
         self.sent: dict[int, int] = {}
         self.finished: set[int] = set()
 
-    def on_step(self, row_offset: int, tokens: torch.Tensor, done: torch.Tensor):
+    def on_step(self, row_offset: int, tokens: list[int], done: list[bool]) -> list[bool] | None:
         now = time.monotonic()
-        toks, dn = tokens.tolist(), done.tolist()
-        abort = [False] * len(toks)
-        for i, (t, d) in enumerate(zip(toks, dn)):
+        abort = [False] * len(tokens)
+        for i, (t, d) in enumerate(zip(tokens, done)):
             r = row_offset + i
             if r in self.finished:
                 continue
@@ -123,7 +124,7 @@ class _RowTracker:
             if job.stream and safe > sent:
                 job.emit(("delta", self.row_cand[r], text[sent:safe]))
                 self.sent[r] = safe
-        return torch.tensor(abort) if any(abort) else None
+        return abort if any(abort) else None
 
     def flush(self, r: int, final_text: str) -> None:
         job = self.row_job[r]
@@ -250,16 +251,55 @@ class Engine:
         self._count_running(-len(jobs))
 
     def _decode_and_release(self, prep: _Prepared) -> None:
+        """Decode one batch, answering each job as soon as its own rows are done: on a
+        continuous-batching backend a request does not wait for the longest text of its batch-mates."""
+        t0 = time.monotonic()
+        open_jobs = set(prep.jobs)
         try:
-            results = self._decode(prep)
-        except Exception as err:
-            self._fail(prep.jobs, err)
-        else:
-            for job, cands in zip(prep.jobs, results):
-                job.emit(("done", cands))
-            self._count_running(-len(prep.jobs))
+            tracker = _RowTracker(self.reasoner.tokenizer, prep.row_job, prep.row_cand)
+            with torch.inference_mode():
+                futures = self.reasoner.submit_decode(prep.prefix_embeds, prep.plans, prep.counts, prep.params,
+                                                      tracker)
+            starts = list(itertools.accumulate([0] + prep.counts[:-1]))
+            prefixes_of: dict[Job, list[int]] = {}
+            for i, job in enumerate(prep.prefix_job):
+                prefixes_of.setdefault(job, []).append(i)
+            left = {job: len(idx) for job, idx in prefixes_of.items()}
+            owner = dict(zip(futures, prep.prefix_job))
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    job = owner[f]
+                    left[job] -= 1
+                    if left[job] == 0 and job in open_jobs:
+                        open_jobs.discard(job)
+                        self._answer(job, [(prep.prefix_plan[i], starts[i], futures[i]) for i in prefixes_of[job]],
+                                     tracker, prep.latent_s, time.monotonic() - t0)
+        except Exception as err:  # the backend failed the batch: every job not yet answered hears it
+            self._fail(list(open_jobs), err)
         finally:
+            self.metrics.decode_seconds.observe(time.monotonic() - t0)
             self._slots.release()
+
+    def _answer(self, job: Job, rows: list[tuple[int | None, int, Future]], tracker: _RowTracker,
+                latent_s: float, decode_s: float) -> None:
+        """A job's candidates, plan-major, from its prefixes' results; or its error."""
+        try:
+            cands = []
+            for plan_idx, row, fut in rows:
+                for j, d in enumerate(fut.result()):
+                    tracker.flush(row + j, d.text)
+                    cands.append(Candidate(d.text, plan_idx, d))
+        except Exception as err:
+            self._fail([job], err)
+            return
+        job.latent_s, job.decode_s = latent_s, decode_s
+        if self.reasoner.is_latent:
+            self.metrics.plans.inc(job.plans)
+        self.metrics.generation_tokens.inc(sum(len(c.decoded.token_ids) for c in cands))
+        job.emit(("done", cands))
+        self._count_running(-1)
 
     @torch.inference_mode()
     def _prepare(self, jobs: list[Job]) -> _Prepared:
@@ -290,27 +330,6 @@ class Engine:
             self.metrics.latent_seconds.observe(latent_s)
         return _Prepared(jobs, prefix_embeds, torch.stack(row_plans) if row_plans else None, counts, params,
                          prefix_job, prefix_plan, row_job, row_cand, latent_s)
-
-    @torch.inference_mode()
-    def _decode(self, prep: _Prepared) -> list[list[Candidate]]:
-        r = self.reasoner
-        t0 = time.monotonic()
-        tracker = _RowTracker(r.tokenizer, prep.row_job, prep.row_cand)
-        decoded = r.decode(prep.prefix_embeds, prep.plans, prep.counts, prep.params, tracker)
-        decode_s = time.monotonic() - t0
-        out: dict[int, list[Candidate]] = {id(j): [] for j in prep.jobs}
-        row = 0
-        for job, plan_idx, group in zip(prep.prefix_job, prep.prefix_plan, decoded):
-            for d in group:
-                tracker.flush(row, d.text)
-                out[id(job)].append(Candidate(d.text, plan_idx, d))
-                row += 1
-        self.metrics.plans.inc(sum(j.plans for j in prep.jobs) if r.is_latent else 0)
-        self.metrics.generation_tokens.inc(sum(len(c.decoded.token_ids) for cs in out.values() for c in cs))
-        for job in prep.jobs:
-            job.latent_s, job.decode_s = prep.latent_s, decode_s
-        self.metrics.decode_seconds.observe(decode_s)
-        return [out[id(j)] for j in prep.jobs]
 
     def _sample_plans(self, jobs: list[Job], embeds: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each request's plans from its own seed; requests with the same sampler settings share a pass."""

@@ -2,6 +2,7 @@
 with the default backend (`auto`: vLLM, which `make venv` installs), answering the OpenAI SDK."""
 from __future__ import annotations
 
+import os
 import sys
 
 import httpx
@@ -33,8 +34,21 @@ def test_python_m_server_answers_on_the_default_backend(latent_ckpt, tmp_path):
             assert "vllm:num_requests_running" in httpx.get(url + "/metrics").text
             engine_procs = psutil.Process(proc.pid).children(recursive=True)
             assert engine_procs  # vLLM's engine core and worker run as processes of their own
+            _assert_kept_off_the_worker_cpus(psutil.Process(proc.pid), engine_procs)
         finally:
             stop(proc)
     # SIGTERM ends the server and, with it, the engine's processes (none left orphaned)
     _, alive = psutil.wait_procs(engine_procs, timeout=30)
     assert not alive, alive
+
+
+def _assert_kept_off_the_worker_cpus(server: psutil.Process, engine_procs: list[psutil.Process]) -> None:
+    """The worker owns the CPUs vLLM bound it to; the server and the engine core run on the rest."""
+    worker_cpus = set().union(*(p.cpu_affinity() for p in engine_procs if p.name().startswith("VLLM::Worker")))
+    free = os.sched_getaffinity(0) - worker_cpus
+    assert worker_cpus and free, (worker_cpus, free)  # vLLM reserves a CPU for its scheduler on >= 2 CPUs
+    pinned = [server] + [p for p in engine_procs if p.name().startswith("VLLM::EngineCor")]
+    assert len(pinned) == 2
+    for p in pinned:
+        for t in p.threads():
+            assert os.sched_getaffinity(t.id) <= free, (p.name(), t.id, os.sched_getaffinity(t.id))

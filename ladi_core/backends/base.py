@@ -6,6 +6,7 @@ A backend knows nothing of plans, policies or tasks; it decodes N continuations 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,14 +54,17 @@ class Decoded:
 class StepObserver(Protocol):
     """Sees each decoding step: streaming, cancellation and stop strings live here, not in backends."""
 
-    def on_step(self, row_offset: int, tokens: torch.Tensor, done: torch.Tensor) -> torch.Tensor | None:
-        """tokens/done: [rows] for rows row_offset.. (row = prefix * n + j). Returns rows to abort, or None."""
+    def on_step(self, row_offset: int, tokens: list[int], done: list[bool]) -> list[bool] | None:
+        """tokens/done for rows row_offset.. (row = prefix * n + j). Returns rows to abort, or None.
+
+        Plain lists, not tensors: vLLM reports a token at a time, and a tensor per token cost the
+        output thread a third of its time."""
         ...
 
 
 class DecoderBackend(Protocol):
     name: str
-    continuous_batching: bool  # True: concurrent generate() calls are batched together by the backend
+    continuous_batching: bool  # True: concurrent submit()/generate() calls are batched together by the backend
     max_model_len: int | None  # the longest prefix + continuation it decodes (None: unknown)
 
     def input_embeddings(self) -> torch.nn.Module | None:
@@ -72,6 +76,23 @@ class DecoderBackend(Protocol):
         """n continuations for each prefix [T_i, hidden]; result[i][j] is continuation j of prefix i.
         params: one for all prefixes, or one per prefix (requests batched together)."""
         ...
+
+    def submit(self, prefixes: list[torch.Tensor], n: int, params: SamplingParams | Sequence[SamplingParams],
+               observer: StepObserver | None = None) -> list[Future[list[Decoded]]]:
+        """generate(), one future per prefix: a continuous-batching backend returns at once and each
+        future completes when its prefix's texts do (a request need not wait for its batch-mates);
+        the others decode in the caller and return finished futures."""
+        ...
+
+
+def finished(results: list[list[Decoded]]) -> list[Future[list[Decoded]]]:
+    """Results already in hand as completed futures (`submit` of a backend that decodes in the caller)."""
+    futures = []
+    for r in results:
+        f: Future[list[Decoded]] = Future()
+        f.set_result(r)
+        futures.append(f)
+    return futures
 
 
 def per_prefix_requests(num_prefixes: int, n: int | Sequence[int], params: SamplingParams | Sequence[SamplingParams],

@@ -9,11 +9,12 @@ samples do not depend on what it was batched with. An optional observer sees eve
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 import torch
 
 from ..decoder import stop_token_ids
-from .base import Decoded, SamplingParams, StepObserver, apply_stop, per_prefix_requests
+from .base import Decoded, SamplingParams, StepObserver, apply_stop, finished, per_prefix_requests
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -76,6 +77,12 @@ class TransformersBackend:
             start, row = end, row + rows
         return out
 
+    def submit(self, prefixes: list[torch.Tensor], n: int | Sequence[int],
+               params: SamplingParams | Sequence[SamplingParams],
+               observer: StepObserver | None = None) -> list[Future[list[Decoded]]]:
+        """Decodes in the caller (the call owns the model) and returns finished futures."""
+        return finished(self.generate(prefixes, n, params, observer))
+
     def _generate_chunk(self, prefixes, counts, params, gens, observer, row_offset) -> list[list[Decoded]]:
         b, hidden = len(prefixes), prefixes[0].shape[-1]
         t = max(p.shape[0] for p in prefixes)
@@ -130,9 +137,9 @@ class TransformersBackend:
             logps[:, step] = lp.cpu()
             done |= hit
             if observer is not None:
-                abort = observer.on_step(row_offset, tok, done)
+                abort = observer.on_step(row_offset, tok.tolist(), done.tolist())
                 if abort is not None:
-                    newly = abort.to(dev) & ~done
+                    newly = torch.tensor(abort, device=dev) & ~done
                     lengths[newly.cpu()] = step + 1
                     aborted |= newly
                     done |= newly

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import os
 import tempfile
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -43,6 +45,8 @@ class VLLMOptions:
     # request's prompt is prefilled in chunks (it rewinds the request's generator, which CPU
     # generators cannot do); whole-prompt prefill never rewinds.
     enable_chunked_prefill: bool | None = None
+    # CPU builds: pin the engine-core process to the CPUs vLLM reserves for it (see _pin_engine_core)
+    pin_engine_core: bool = True
 
 
 def _bool(text: str) -> bool:
@@ -56,7 +60,7 @@ def add_option_arguments(parser: argparse.ArgumentParser, defaults: VLLMOptions 
     defaults = defaults or VLLMOptions()
     for f in fields(VLLMOptions):
         kind = {"dtype": str, "gpu_memory_utilization": float, "enforce_eager": _bool,
-                "enable_chunked_prefill": _bool}.get(f.name, int)
+                "enable_chunked_prefill": _bool, "pin_engine_core": _bool}.get(f.name, int)
         default = getattr(defaults, f.name)
         parser.add_argument(f"--vllm-{f.name.replace('_', '-')}", dest=f"vllm_{f.name}", type=kind, default=default,
                             help=f"vLLM engine option {f.name} (default {default})")
@@ -75,6 +79,46 @@ def load_input_embeddings(decoder_dir: str | Path) -> torch.nn.Embedding:
                 if key in names:
                     return torch.nn.Embedding.from_pretrained(st.get_tensor(key).float(), freeze=True)
     raise FileNotFoundError(f"{decoder_dir}: no embed_tokens weight in its safetensors files")
+
+
+def _settle(future: Future, task: asyncio.Task) -> None:
+    """Copy a finished engine task's outcome into the caller's future."""
+    if task.cancelled():
+        future.cancel()
+    elif task.exception() is not None:
+        future.set_exception(task.exception())
+    else:
+        future.set_result(task.result())
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, process name) of every process below `pid`, read from /proc (Linux)."""
+    parent_of, name_of = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        name_end = stat.rindex(")")  # the name may itself hold spaces or parentheses
+        name_of[int(entry.name)] = stat[stat.index("(") + 1:name_end]
+        parent_of[int(entry.name)] = int(stat[name_end + 2:].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parent_of.items() if parent in frontier]
+        found += [(p, name_of[p]) for p in kids]
+        frontier = kids
+    return found
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` onto `cpus` (threads it starts later inherit their creator's mask)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except (ProcessLookupError, FileNotFoundError):  # the thread ended meanwhile
+            pass
 
 
 def _own_collectors():
@@ -96,6 +140,7 @@ def _own_collectors():
 class VLLMBackend:
     name = "vllm"
     continuous_batching = True  # concurrent generate() calls share the engine's running batch
+    free_cpus: set[int] | None  # CPU builds: the CPUs the engine's worker leaves free (the server runs there)
 
     def __init__(self, decoder_dir: str | Path, tokenizer, options: VLLMOptions | None = None):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -127,6 +172,27 @@ class VLLMBackend:
 
         self.engine = asyncio.run_coroutine_threadsafe(build(), self._loop).result()
         self._registry = _own_collectors()
+        self.free_cpus = self._pin_engine_core() if opts.pin_engine_core and current_platform.is_cpu() else None
+
+    def _pin_engine_core(self) -> set[int] | None:
+        """vLLM-CPU binds its worker's threads to all CPUs but a reserved few, meant for the
+        engine-core (scheduler) process, which it then leaves unpinned: the scheduler's spin-wait
+        also runs on the worker's CPUs and takes time from the forward passes. Pin it to the
+        reserved CPUs; return them (None when there are none to pin to)."""
+        if not hasattr(os, "sched_setaffinity"):
+            return None
+        procs = _descendants(os.getpid())
+        worker_cpus = set()
+        for pid, name in procs:
+            if name.startswith("VLLM::Worker"):
+                worker_cpus |= os.sched_getaffinity(pid)
+        free = os.sched_getaffinity(0) - worker_cpus
+        if not worker_cpus or not free:
+            return None
+        for pid, name in procs:
+            if name.startswith("VLLM::EngineCor"):  # the kernel keeps 15 characters of a name
+                pin_process(pid, free)
+        return free
 
     def input_embeddings(self) -> torch.nn.Module:
         return self._embed
@@ -142,6 +208,13 @@ class VLLMBackend:
     def generate(self, prefixes: list[torch.Tensor], n: int | Sequence[int],
                  params: SamplingParams | Sequence[SamplingParams],
                  observer: StepObserver | None = None) -> list[list[Decoded]]:
+        return [f.result() for f in self.submit(prefixes, n, params, observer)]
+
+    def submit(self, prefixes: list[torch.Tensor], n: int | Sequence[int],
+               params: SamplingParams | Sequence[SamplingParams],
+               observer: StepObserver | None = None) -> list[Future[list[Decoded]]]:
+        """One engine request per prefix, all handed to the engine's loop in one wake-up; each
+        future completes when its request does. The observer runs on the loop thread only."""
         if not prefixes:
             return []
         counts, per_prefix = per_prefix_requests(len(prefixes), n, params)
@@ -154,13 +227,19 @@ class VLLMBackend:
             first = taken.get(id(sp), 0)
             seeds.append(None if sp.seed is None else sp.seed + first)
             taken[id(sp)] = first + c
-        lock = threading.Lock()  # observers are written for one caller at a time
-        futures = [asyncio.run_coroutine_threadsafe(self._request(p, c, sp, seed, off, observer, lock), self._loop)
-                   for p, c, sp, seed, off in zip(prefixes, counts, per_prefix, seeds, offsets)]
-        return [f.result() for f in futures]
+        futures: list[Future[list[Decoded]]] = [Future() for _ in prefixes]
+        requests = list(zip(prefixes, counts, per_prefix, seeds, offsets, futures))
+
+        def start():
+            for prefix, c, sp, seed, off, fut in requests:
+                task = self._loop.create_task(self._request(prefix, c, sp, seed, off, observer))
+                task.add_done_callback(functools.partial(_settle, fut))
+
+        self._loop.call_soon_threadsafe(start)
+        return futures
 
     async def _request(self, prefix: torch.Tensor, n: int, p: SamplingParams, seed: int | None, row_offset: int,
-                       observer: StepObserver | None, lock: threading.Lock) -> list[Decoded]:
+                       observer: StepObserver | None) -> list[Decoded]:
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -186,10 +265,8 @@ class VLLMBackend:
                 if observer is None:
                     continue
                 for tok in new:
-                    done = tok in self.stop_ids
-                    with lock:
-                        abort = observer.on_step(row_offset + j, torch.tensor([tok]), torch.tensor([done]))
-                    if abort is not None and bool(abort[0]):
+                    abort = observer.on_step(row_offset + j, [tok], [tok in self.stop_ids])
+                    if abort is not None and abort[0]:
                         aborted[j] = True
             if all(aborted):
                 await self.engine.abort(rid)
