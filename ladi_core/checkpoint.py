@@ -226,6 +226,22 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
     return Checkpoint(path, cfg, tokenizer, codec, policy)
 
 
+def set_sampler_default(path: str | Path, evidence: dict[str, Any], **fields) -> None:
+    """Change a latent checkpoint's sampler defaults (e.g. serving steps), keeping what justified
+    the change in its provenance (`metrics.sampler_changes`) beside the command that made it."""
+    cfg = read_config(path)
+    if cfg.sampler is None:
+        raise CheckpointError(f"{path}: a token-level checkpoint has no sampler")
+    unknown = set(fields) - set(SamplerConfig.__dataclass_fields__)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown sampler settings {sorted(unknown)}")
+    change = {"from": {k: cfg.sampler.get(k) for k in fields}, "to": fields, "evidence": evidence,
+              "commit": git_commit(), "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+    cfg.sampler.update(fields)
+    cfg.provenance.metrics.setdefault("sampler_changes", []).append(change)
+    (Path(path) / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2) + "\n")
+
+
 def update_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     """Merge evaluation results into a saved checkpoint's provenance."""
     cfg = read_config(path)

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from ladi_core.backends import SamplingParams
-from ladi_core.checkpoint import CheckpointError, load_checkpoint, make_provenance, save_checkpoint
+from ladi_core.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    make_provenance,
+    read_config,
+    save_checkpoint,
+    set_sampler_default,
+)
 from ladi_core.decoder import load_decoder
 from ladi_core.generation import Reasoner
 
@@ -121,3 +128,17 @@ def test_the_tokenizer_survives_a_save_and_a_plain_autotokenizer_load(tmp_path):
     plain = text.replace("<|im_start|>", "").replace("<|im_end|>", "")
     markers = text.count("<|im_start|>") + text.count("<|im_end|>")
     assert len(ids) == len(plain.encode()) + markers  # one token per byte, one per ChatML marker
+
+
+def test_a_sampler_default_changes_with_its_evidence_recorded(latent_ckpt, token_ckpt, tmp_path):
+    d = _copy(latent_ckpt, tmp_path)
+    before = load_checkpoint(d).policy.sampler.steps
+    set_sampler_default(d, {"pass@1": {"20": 6.0, "5": 6.0}}, steps=5)
+    assert load_checkpoint(d).policy.sampler.steps == 5 != before
+    change = read_config(d).provenance.metrics["sampler_changes"][-1]
+    assert change["from"] == {"steps": before} and change["to"] == {"steps": 5}
+    assert change["evidence"]["pass@1"]["5"] == 6.0
+    with pytest.raises(CheckpointError, match="unknown sampler settings"):
+        set_sampler_default(d, {}, stepz=5)
+    with pytest.raises(CheckpointError, match="token-level"):
+        set_sampler_default(_copy(token_ckpt, tmp_path / "t"), {}, steps=5)
