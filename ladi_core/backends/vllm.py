@@ -45,7 +45,7 @@ class VLLMOptions:
     # request's prompt is prefilled in chunks (it rewinds the request's generator, which CPU
     # generators cannot do); whole-prompt prefill never rewinds.
     enable_chunked_prefill: bool | None = None
-    # CPU builds: pin the engine-core process to the CPUs vLLM reserves for it (see _pin_engine_core)
+    # CPU builds: pin the engine-core process beside its worker (see VLLMBackend._pin_engine_core)
     pin_engine_core: bool = True
 
 
@@ -175,10 +175,16 @@ class VLLMBackend:
         self.free_cpus = self._pin_engine_core() if opts.pin_engine_core and current_platform.is_cpu() else None
 
     def _pin_engine_core(self) -> set[int] | None:
-        """vLLM-CPU binds its worker's threads to all CPUs but a reserved few, meant for the
-        engine-core (scheduler) process, which it then leaves unpinned: the scheduler's spin-wait
-        also runs on the worker's CPUs and takes time from the forward passes. Pin it to the
-        reserved CPUs; return them (None when there are none to pin to)."""
+        """Keep the engine's processes where they cost least; return the CPUs its worker leaves free
+        (None when there are none), where the server runs its own threads.
+
+        vLLM-CPU binds its worker's threads to all CPUs but a reserved few and leaves the engine-core
+        (scheduler) process unpinned, so the scheduler's spin-wait and the server also run on the
+        worker's CPUs. The scheduler and the worker take turns (each waits while the other works),
+        so a single-CPU worker shares its CPU with the scheduler at little cost, and the server gets
+        the free CPUs to itself (measured on 2 CPUs: +25% tokens/s over pinning the scheduler to the
+        free CPU). A worker spread over several CPUs runs an OpenMP team there that the scheduler
+        would stall, so then the scheduler takes the free CPUs."""
         if not hasattr(os, "sched_setaffinity"):
             return None
         procs = _descendants(os.getpid())
@@ -191,7 +197,7 @@ class VLLMBackend:
             return None
         for pid, name in procs:
             if name.startswith("VLLM::EngineCor"):  # the kernel keeps 15 characters of a name
-                pin_process(pid, free)
+                pin_process(pid, worker_cpus if len(worker_cpus) == 1 else free)
         return free
 
     def input_embeddings(self) -> torch.nn.Module:
