@@ -81,9 +81,9 @@ def build_app(cfg: ServerConfig):
     if backend == "vllm" and cfg.pin_cpus and reasoner.backend.free_cpus:
         from ladi_core.backends.vllm import pin_process
 
-        free = sorted(reasoner.backend.free_cpus)
-        pin_process(os.getpid(), set(free))
-        print(f"server process pinned to CPUs {free} (the engine's worker has the others)", flush=True)
+        pin_process(os.getpid(), reasoner.backend.free_cpus)
+        print(f"server process pinned to CPUs {sorted(reasoner.backend.free_cpus)} "
+              "(the engine's worker has the others)", flush=True)
     return create_app(cfg, reasoner, backend, owns_reasoner=True)
 
 
