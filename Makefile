@@ -56,7 +56,7 @@ demo-compare: $(STAMP)
 
 # LaDi on vLLM vs LaDi on transformers vs plain vLLM serving the same decoder (figures, not a test).
 bench-backends: $(STAMP)
-	$(BIN)/python -m benchmarks.backends --checkpoint $(CHECKPOINT) --out results/bench-backends/cpu.json
+	$(BIN)/python -m benchmarks.backends --checkpoint $(CHECKPOINT) --repeats 3 --out results/bench-backends/cpu.json
 
 clean:
 	rm -rf $(VENV)

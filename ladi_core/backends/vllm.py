@@ -45,6 +45,10 @@ class VLLMOptions:
     # request's prompt is prefilled in chunks (it rewinds the request's generator, which CPU
     # generators cannot do); whole-prompt prefill never rewinds.
     enable_chunked_prefill: bool | None = None
+    # KV-cache block size. Prefix caching shares whole blocks only, so a question's plans (one
+    # engine request each) share their prompt's KV only when the prompt fills a block. None: 32 on
+    # CPU, whose own default of 128 is longer than a typical prompt; vLLM's default elsewhere.
+    block_size: int | None = None
     # CPU builds: pin the engine-core process beside its worker (see VLLMBackend._pin_engine_core)
     pin_engine_core: bool = True
 
@@ -83,6 +87,8 @@ def load_input_embeddings(decoder_dir: str | Path) -> torch.nn.Embedding:
 
 def _settle(future: Future, task: asyncio.Task) -> None:
     """Copy a finished engine task's outcome into the caller's future."""
+    if future.done():  # the caller cancelled it
+        return
     if task.cancelled():
         future.cancel()
     elif task.exception() is not None:
@@ -158,11 +164,12 @@ class VLLMBackend:
         self._thread.start()
         from vllm.platforms import current_platform
 
-        chunked = opts.enable_chunked_prefill
-        if chunked is None and current_platform.is_cpu():
-            chunked = False
+        chunked, block_size = opts.enable_chunked_prefill, opts.block_size
+        if current_platform.is_cpu():
+            chunked = False if chunked is None else chunked
+            block_size = block_size or 32
         args = AsyncEngineArgs(model=str(decoder_dir), enable_prompt_embeds=True, dtype=opts.dtype,
-                               enable_chunked_prefill=chunked,
+                               enable_chunked_prefill=chunked, block_size=block_size,
                                max_model_len=opts.max_model_len, gpu_memory_utilization=opts.gpu_memory_utilization,
                                tensor_parallel_size=opts.tensor_parallel_size, enforce_eager=opts.enforce_eager,
                                max_num_seqs=opts.max_num_seqs)
@@ -240,6 +247,8 @@ class VLLMBackend:
             for prefix, c, sp, seed, off, fut in requests:
                 task = self._loop.create_task(self._request(prefix, c, sp, seed, off, observer))
                 task.add_done_callback(functools.partial(_settle, fut))
+                # a cancelled future cancels its task, and vLLM aborts a cancelled request
+                fut.add_done_callback(lambda f, t=task: f.cancelled() and self._loop.call_soon_threadsafe(t.cancel))
 
         self._loop.call_soon_threadsafe(start)
         return futures
@@ -249,10 +258,14 @@ class VLLMBackend:
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        # DELTA: each update carries only new tokens (no per-step copies of whole outputs)
+        # A watched request gets DELTA updates (only the new tokens, each step); the others one
+        # FINAL_ONLY output, which spares the loop thread a wake-up per token.
+        if observer is not None and not observer.watches(row_offset):
+            observer = None
+        kind = RequestOutputKind.FINAL_ONLY if observer is None else RequestOutputKind.DELTA
         sp = VSamplingParams(n=n, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=seed,
                              logprobs=0 if p.logprobs else None, stop_token_ids=self.stop_ids,
-                             skip_special_tokens=True, output_kind=RequestOutputKind.DELTA)
+                             skip_special_tokens=True, output_kind=kind)
         rid = f"ladi-{next(self._ids)}"
         ids: list[list[int]] = [[] for _ in range(n)]
         lps: list[list[float]] = [[] for _ in range(n)]
