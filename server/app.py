@@ -250,7 +250,7 @@ def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "trans
                 srv.engine.submit(job)
         except QueueFull as err:
             for job in jobs:
-                job.cancelled.set()
+                job.cancel()
             srv.metrics.requests.labels(mode, "429").inc()
             return _error(429, str(err), "rate_limit_error", code="queue_full")
         srv.metrics.prompt_tokens.inc(sum(len(i) for i in ids))
@@ -296,7 +296,7 @@ class RequestContext:
 
     def cancel(self) -> None:
         for job in self.jobs:
-            job.cancelled.set()
+            job.cancel()
 
     async def _wait(self, job: Job, request: Request | None):
         while True:

@@ -3,25 +3,27 @@ requests arriving together. A batch's plans are denoised in one policy pass and 
 sample) rows handed to the backend in one call; per-request seeds keep results independent of
 company.
 
-How many batches decode at once follows the backend: the transformers backend owns the model for
-the length of a call, so one batch decodes at a time; vLLM schedules concurrent calls into its own
+How many batches decode at once follows the backend: the transformers backend decodes in the
+calling thread, so one batch decodes at a time; vLLM schedules concurrent calls into its own
 continuous batches, so the worker keeps denoising new arrivals and submitting them while earlier
 batches are still decoding (up to `max_inflight_batches`). Each request is answered as soon as
-its own rows are done, not when its whole batch is.
+its own rows are done, not when its whole batch is: the backend returns one future per prefix,
+and the last of a request's futures to finish answers it (from whichever thread finished it).
 
 Events flow back to each request's asyncio queue: ("delta", candidate, text) while decoding (for
 streaming), then ("done", candidates) or ("error", exception). A request whose client left is
-marked cancelled: its rows are aborted at the next decoding step.
+cancelled: its futures are cancelled, which aborts its rows in the backend.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +63,7 @@ class Job:
     mode: str = "sample"
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    futures: list[Future] = field(default_factory=list)  # its decoding prefixes, once submitted
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     latent_s: float = 0.0
@@ -74,7 +77,13 @@ class Job:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the request's event loop is gone (server shutting down)
-            self.cancelled.set()
+            self.cancel()
+
+    def cancel(self) -> None:
+        """The client is gone: drop the job if it still waits, abort its rows if they decode."""
+        self.cancelled.set()
+        for f in list(self.futures):
+            f.cancel()
 
 
 class _RowTracker:
@@ -154,8 +163,6 @@ class _Prepared:
 
 
 class Engine:
-    CANCEL_POLL_S = 0.1  # how often a decoding batch looks for requests whose client left
-
     def __init__(self, reasoner: Reasoner, metrics: ServerMetrics, *, max_queue: int = 256,
                  max_batch_requests: int = 32, max_batch_sequences: int = 1024, batch_window_ms: float = 5.0,
                  max_inflight_batches: int | None = None):
@@ -164,9 +171,10 @@ class Engine:
         self.max_batch_requests = max_batch_requests
         self.max_batch_sequences = max_batch_sequences
         self.window = batch_window_ms / 1000
-        self.max_inflight = max_inflight_batches or (8 if reasoner.backend.continuous_batching else 1)
+        # vLLM: enough that the worker never waits for a slot while the engine has room (with
+        # 8, 16 clients' small batches used them all up); the cap keeps back-pressure in the queue
+        self.max_inflight = max_inflight_batches or (64 if reasoner.backend.continuous_batching else 1)
         self._slots = threading.BoundedSemaphore(self.max_inflight)
-        self._decoders = ThreadPoolExecutor(self.max_inflight, thread_name_prefix="ladi-decode")
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._carry: deque[Job] = deque()
         self._stop = threading.Event()
@@ -181,7 +189,6 @@ class Engine:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        self._decoders.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, job: Job) -> None:
         try:
@@ -238,8 +245,8 @@ class Engine:
                 except Exception as err:  # one bad batch must not kill the worker
                     self._fail(live, err)
                     continue
-                self._decoders.submit(self._decode_and_release, prepared)
-                handed_off = True
+                handed_off = True  # the batch's last future gives the slot back
+                self._decode(prepared)
             except queue.Empty:
                 continue
             finally:
@@ -256,41 +263,48 @@ class Engine:
             job.emit(("error", err))
         self._count_running(-len(jobs))
 
-    def _decode_and_release(self, prep: _Prepared) -> None:
-        """Decode one batch, answering each job as soon as its own rows are done: on a
-        continuous-batching backend a request does not wait for the longest text of its batch-mates."""
+    def _decode(self, prep: _Prepared) -> None:
+        """Submit one batch's prefixes; each job is answered when its own futures are done, and the
+        decoding slot is given back with the batch's last one."""
         t0 = time.monotonic()
-        open_jobs = set(prep.jobs)
+        tracker = _RowTracker(self.reasoner.tokenizer, prep.row_job, prep.row_cand)
+        starts = list(itertools.accumulate([0] + prep.counts[:-1]))
+        prefixes_of: dict[Job, list[int]] = {}
+        for i, job in enumerate(prep.prefix_job):
+            prefixes_of.setdefault(job, []).append(i)
+        left = {job: len(idx) for job, idx in prefixes_of.items()}
+        batch_left = [len(prep.prefix_job)]
+        lock = threading.Lock()
         try:
-            tracker = _RowTracker(self.reasoner.tokenizer, prep.row_job, prep.row_cand)
             with torch.inference_mode():
                 futures = self.reasoner.submit_decode(prep.prefix_embeds, prep.plans, prep.counts, prep.params,
                                                       tracker)
-            starts = list(itertools.accumulate([0] + prep.counts[:-1]))
-            prefixes_of: dict[Job, list[int]] = {}
-            for i, job in enumerate(prep.prefix_job):
-                prefixes_of.setdefault(job, []).append(i)
-            left = {job: len(idx) for job, idx in prefixes_of.items()}
-            owner = dict(zip(futures, prep.prefix_job))
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=self.CANCEL_POLL_S, return_when=FIRST_COMPLETED)
-                for job in open_jobs:  # a client gone: abort its rows (those nobody watches included)
-                    if job.cancelled.is_set():
-                        for i in prefixes_of[job]:
-                            futures[i].cancel()
-                for f in done:
-                    job = owner[f]
-                    left[job] -= 1
-                    if left[job] == 0 and job in open_jobs:
-                        open_jobs.discard(job)
-                        self._answer(job, [(prep.prefix_plan[i], starts[i], futures[i]) for i in prefixes_of[job]],
-                                     tracker, prep.latent_s, time.monotonic() - t0)
-        except Exception as err:  # the backend failed the batch: every job not yet answered hears it
-            self._fail(list(open_jobs), err)
-        finally:
-            self.metrics.decode_seconds.observe(time.monotonic() - t0)
-            self._slots.release()
+        except Exception as err:  # the backend refused the batch: every job hears it
+            self._fail(prep.jobs, err)
+            self._batch_done(t0)
+            return
+
+        def finished(job: Job, _f: Future) -> None:
+            with lock:
+                left[job] -= 1
+                batch_left[0] -= 1
+                job_done, batch_done = left[job] == 0, batch_left[0] == 0
+            if job_done:
+                self._answer(job, [(prep.prefix_plan[i], starts[i], futures[i]) for i in prefixes_of[job]],
+                             tracker, prep.latent_s, time.monotonic() - t0)
+            if batch_done:
+                self._batch_done(t0)
+
+        for job, idx in prefixes_of.items():
+            job.futures = [futures[i] for i in idx]
+            if job.cancelled.is_set():  # the client left while its plans were denoised
+                job.cancel()
+        for f, job in zip(futures, prep.prefix_job):
+            f.add_done_callback(functools.partial(finished, job))
+
+    def _batch_done(self, t0: float) -> None:
+        self.metrics.decode_seconds.observe(time.monotonic() - t0)
+        self._slots.release()
 
     def _answer(self, job: Job, rows: list[tuple[int | None, int, Future]], tracker: _RowTracker,
                 latent_s: float, decode_s: float) -> None:
