@@ -35,7 +35,8 @@ class ServerConfig(BaseModel):
     max_queue: int = Field(256, ge=1, description="waiting requests beyond this get 429")
     max_batch_requests: int = Field(32, ge=1, description="requests denoised and decoded together")
     max_batch_sequences: int = Field(1024, ge=1, description="decoder rows in one batch")
-    batch_window_ms: float = Field(5.0, ge=0, description="how long the scheduler waits for company")
+    batch_window_ms: float = Field(5.0, ge=0,
+                                   description="how long a request waits for company, counted from its arrival")
     default_max_tokens: int = 128
     denoising_steps: int | None = Field(None, ge=1, description=(
         "plan denoising steps when a request names none (default: the checkpoint's sampler)"))

@@ -205,7 +205,9 @@ class Engine:
     def _next_batch(self) -> list[Job]:
         first = self._carry.popleft() if self._carry else self._queue.get(timeout=0.1)
         batch, rows = [first], first.rows
-        deadline = time.monotonic() + self.window
+        # company is waited for until the oldest request has waited the window since it arrived:
+        # under load the queue filled during the last policy pass, and nobody waits again
+        deadline = first.arrival + self.window
         while len(batch) < self.max_batch_requests:
             if self._carry:
                 job = self._carry.popleft()

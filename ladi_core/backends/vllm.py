@@ -265,11 +265,10 @@ class VLLMBackend:
         kind = RequestOutputKind.FINAL_ONLY if observer is None else RequestOutputKind.DELTA
         sp = VSamplingParams(n=n, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=seed,
                              logprobs=0 if p.logprobs else None, stop_token_ids=self.stop_ids,
-                             skip_special_tokens=True, output_kind=kind)
+                             detokenize=False, output_kind=kind)  # texts: one decode at the end, below
         rid = f"ladi-{next(self._ids)}"
         ids: list[list[int]] = [[] for _ in range(n)]
         lps: list[list[float]] = [[] for _ in range(n)]
-        texts: list[list[str]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         aborted = [False] * n
         async for out in self.engine.generate({"prompt_embeds": prefix.detach().cpu()}, sp, rid):
@@ -277,7 +276,6 @@ class VLLMBackend:
                 j = c.index
                 new = list(c.token_ids)
                 ids[j].extend(new)
-                texts[j].append(c.text)
                 if c.logprobs:
                     lps[j].extend(lp[t].logprob for lp, t in zip(c.logprobs, new))
                 finish[j] = c.finish_reason or finish[j]
@@ -296,7 +294,7 @@ class VLLMBackend:
                 results.append(Decoded("", [], 0.0 if p.logprobs else None, "abort"))
                 continue
             kept = [t for t in ids[j] if t not in self.stop_ids]
-            text, stopped = apply_stop("".join(texts[j]), p.stop)
+            text, stopped = apply_stop(self.tokenizer.decode(kept, skip_special_tokens=True), p.stop)
             # like the transformers backend: the stop token's log-prob counts, its id is not returned
             reason = "abort" if aborted[j] and not stopped else ("stop" if stopped or finish[j] == "stop"
                                                                else "length")
