@@ -6,9 +6,10 @@ Starts, one after another on the same machine: `python -m server --backend vllm`
 --backend transformers` (both on the LaDi checkpoint: M latent plans per request, one text each), and
 plain vLLM's OpenAI server on the checkpoint's `decoder/` directory (n texts from the bare prompt).
 Each is driven by `clients.bench` with the same concurrency, duration, prompts and sequences per
-request (n); prints every result, completion tokens/s, and the ratios as JSON. With `--repeats R`
-the servers take turns R times: one run here varies by ~10%, so a ratio is judged by the median
-of R ratios, each from one round's back-to-back runs.
+request (n); prints every result, completion tokens/s (the API's usage), the engine's own count
+of generated tokens/s (the same vLLM counter in both vLLM servers), sequences/s, and the ratios
+as JSON. With `--repeats R` the servers take turns R times: one run here varies by ~10%, so a
+ratio is judged by the median of R ratios, each from one round's back-to-back runs.
 """
 from __future__ import annotations
 
@@ -19,10 +20,24 @@ import statistics
 import sys
 from pathlib import Path
 
+import httpx
+
 from clients import bench
 from clients.report import emit_json
 
 from .servers import free_port, start, stop
+
+
+def engine_tokens(url: str) -> float | None:
+    """The vLLM engine's own count of generated tokens (`vllm:generation_tokens_total`), None
+    without a vLLM engine. Counted alike in every vLLM server, stop tokens included, where the
+    API's `usage.completion_tokens` differs: vLLM's server counts a sequence's stop token, LaDi's
+    (like the transformers backend) does not."""
+    total = None
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("vllm:generation_tokens_total"):
+            total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def main(argv=None) -> dict:
@@ -57,7 +72,7 @@ def main(argv=None) -> dict:
                                     "--served-model-name", "plain"],
     }
     chosen = a.only.split(",") if a.only else list(runs)
-    rounds: list[dict] = []  # per round: server -> clients.bench result
+    rounds: list[dict] = []  # per round: server -> clients.bench result (+ engine_tokens_per_s)
     for r in range(a.repeats):
         rounds.append({})
         for name in chosen:
@@ -69,26 +84,32 @@ def main(argv=None) -> dict:
                                         requests=0, duration=a.duration, n=a.n, latent_plans=None,
                                         max_tokens=a.max_tokens, temperature=1.0, mode="sample", stream=False,
                                         timeout=300, out=None)
-                rounds[r][name] = asyncio.run(bench.run(ns))
+                before = engine_tokens(url)
+                res = asyncio.run(bench.run(ns))
+                after = engine_tokens(url)
+                res["engine_tokens_per_s"] = None if before is None else round((after - before) / res["wall_s"], 1)
+                rounds[r][name] = res
             finally:
                 stop(proc)
             print(f"round {r + 1}/{a.repeats} {name}: {json.dumps(rounds[r][name])}", flush=True)
-    tps_rounds = [{k: v["completion_tokens_per_s"] for k, v in rnd.items()} for rnd in rounds]
 
-    def ratios(x: str, y: str) -> list[float] | None:
-        if x not in chosen or y not in chosen:
-            return None
-        return [round(t[x] / max(t[y], 1e-9), 3) for t in tps_rounds]
+    def summary_of(metric: str) -> dict:
+        per_round = [{k: v[metric] for k, v in rnd.items()} for rnd in rounds]
+        medians = {k: statistics.median(t[k] for t in per_round) if per_round[0][k] is not None else None
+                   for k in chosen}
+        ratios = {}
+        for x, y in (("ladi-vllm", "plain-vllm"), ("ladi-vllm", "ladi-transformers")):
+            if x in chosen and y in chosen and medians[x] is not None and medians[y] is not None:
+                each = [round(t[x] / max(t[y], 1e-9), 3) for t in per_round]
+                ratios[f"{x}/{y}"] = {"median": statistics.median(each), "per_round": each}
+        return {"median": medians, "ratios": ratios}
 
-    over_plain, over_tf = ratios("ladi-vllm", "plain-vllm"), ratios("ladi-vllm", "ladi-transformers")
     summary = {"checkpoint": a.checkpoint, "denoising_steps": a.denoising_steps, "concurrency": a.concurrency,
                "duration_s": a.duration, "n": a.n, "block_size": a.block_size, "repeats": a.repeats,
                "max_tokens": a.max_tokens, "dtype": a.dtype,
-               "completion_tokens_per_s": {k: statistics.median(t[k] for t in tps_rounds) for k in chosen},
-               "ladi_vllm_over_plain_vllm": over_plain and statistics.median(over_plain),
-               "ladi_vllm_over_ladi_transformers": over_tf and statistics.median(over_tf),
-               "ratios_per_round": {"ladi_vllm_over_plain_vllm": over_plain,
-                                    "ladi_vllm_over_ladi_transformers": over_tf},
+               "completion_tokens_per_s": summary_of("completion_tokens_per_s"),
+               "engine_tokens_per_s": summary_of("engine_tokens_per_s"),
+               "sequences_per_s": summary_of("sequences_per_s"),
                "rounds": rounds}
     return emit_json(summary, a.out)
 
