@@ -4,7 +4,8 @@
 
 Starts, one after another on the same machine: `python -m server --backend vllm`, `python -m server
 --backend transformers` (both on the LaDi checkpoint: M latent plans per request, one text each), and
-plain vLLM's OpenAI server on the checkpoint's `decoder/` directory (n texts from the bare prompt).
+plain vLLM's OpenAI server on the checkpoint's `decoder/` directory (n texts from the bare prompt),
+with the LaDi server's KV block size (`plain-vllm`) and with vLLM's own (`plain-vllm-stock`).
 Each is driven by `clients.bench` with the same concurrency, duration, prompts and sequences per
 request (n); prints every result, completion tokens/s (the API's usage), the engine's own count
 of generated tokens/s (the same vLLM counter in both vLLM servers), sequences/s, and the ratios
@@ -54,7 +55,7 @@ def main(argv=None) -> dict:
     p.add_argument("--denoising-steps", type=int, help="LaDi servers' --denoising-steps (default: the checkpoint's)")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of all servers in turn; figures are medians, ratios paired within a round")
-    p.add_argument("--only", help="comma-separated subset of ladi-vllm,ladi-transformers,plain-vllm")
+    p.add_argument("--only", help="comma-separated subset of ladi-vllm,ladi-transformers,plain-vllm,plain-vllm-stock")
     p.add_argument("--out")
     a = p.parse_args(argv)
     decoder = str(Path(a.checkpoint) / "decoder")
@@ -70,6 +71,10 @@ def main(argv=None) -> dict:
                                     "--port", str(port), "--dtype", a.dtype, "--enforce-eager",
                                     "--block-size", str(a.block_size),
                                     "--served-model-name", "plain"],
+        # stock `vllm serve` settings: vLLM-CPU's own 128-token KV blocks
+        "plain-vllm-stock": lambda port: [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                                          "--model", decoder, "--port", str(port), "--dtype", a.dtype,
+                                          "--enforce-eager", "--served-model-name", "plain"],
     }
     chosen = a.only.split(",") if a.only else list(runs)
     rounds: list[dict] = []  # per round: server -> clients.bench result (+ engine_tokens_per_s)
@@ -80,7 +85,7 @@ def main(argv=None) -> dict:
             proc, url = start(runs[name](port), port)
             try:
                 ns = argparse.Namespace(base_url=url + "/v1", api_key=None,
-                                        model="plain" if name == "plain-vllm" else None, concurrency=a.concurrency,
+                                        model="plain" if name.startswith("plain") else None, concurrency=a.concurrency,
                                         requests=0, duration=a.duration, n=a.n, latent_plans=None,
                                         max_tokens=a.max_tokens, temperature=1.0, mode="sample", stream=False,
                                         timeout=300, out=None)
@@ -98,7 +103,8 @@ def main(argv=None) -> dict:
         medians = {k: statistics.median(t[k] for t in per_round) if per_round[0][k] is not None else None
                    for k in chosen}
         ratios = {}
-        for x, y in (("ladi-vllm", "plain-vllm"), ("ladi-vllm", "ladi-transformers")):
+        for x, y in (("ladi-vllm", "plain-vllm"), ("ladi-vllm", "plain-vllm-stock"),
+                     ("ladi-vllm", "ladi-transformers")):
             if x in chosen and y in chosen and medians[x] is not None and medians[y] is not None:
                 each = [round(t[x] / max(t[y], 1e-9), 3) for t in per_round]
                 ratios[f"{x}/{y}"] = {"median": statistics.median(each), "per_round": each}
