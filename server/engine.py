@@ -98,6 +98,7 @@ class _RowTracker:
         self.finished: set[int] = set()
 
     def watches(self, row: int) -> bool:
+        """Streams and stop strings need every token; other rows only their end."""
         job = self.row_job[row]
         return job.stream or bool(job.params.stop)
 
