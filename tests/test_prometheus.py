@@ -66,7 +66,8 @@ def test_every_dashboard_query_returns_data(backend, prometheus_bin, tmp_path, r
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.3)
-            # traffic across several scrapes: plain, ranked and failing requests, some concurrent
+            # traffic across several scrapes: streamed, ranked and failing requests, some concurrent
+            # (time to first token is a streaming request's: the others deliver no first token)
             stop = time.time() + 8
 
             def load(i):
@@ -74,7 +75,8 @@ def test_every_dashboard_query_returns_data(backend, prometheus_bin, tmp_path, r
                 while time.time() < stop or done < 3:  # at least 3 rounds each, however slow the machine
                     done += 1
                     body = {"messages": [{"role": "user", "content": Q}], "n": 2, "max_tokens": 16,
-                            "mode": ["sample", "best_of_n", "pass_at_k"][i % 3], "reference": REF}
+                            "mode": ["sample", "best_of_n", "pass_at_k"][i % 3], "reference": REF,
+                            "stream": i % 3 == 0}
                     httpx.post(live.url + "/v1/chat/completions", json=body, timeout=30)
                     httpx.post(live.url + "/v1/chat/completions", json={"n": 0}, timeout=30)  # a 400
 
