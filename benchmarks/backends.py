@@ -77,6 +77,10 @@ def main(argv=None) -> dict:
                                           "--enforce-eager", "--served-model-name", "plain"],
     }
     chosen = a.only.split(",") if a.only else list(runs)
+    if set(chosen) - set(runs):
+        p.error(f"--only: unknown server(s) {sorted(set(chosen) - set(runs))}; choose from {list(runs)}")
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
     rounds: list[dict] = []  # per round: server -> clients.bench result (+ engine_tokens_per_s)
     for r in range(a.repeats):
         rounds.append({})
