@@ -200,11 +200,11 @@ def test_concurrent_requests_are_batched(live, client):
     assert requests == 12 and batches < 12  # some arrived together and shared a batch
 
 
-def test_a_short_request_overtakes_a_long_one_only_with_continuous_batching(live, backend):
+def test_a_short_request_overtakes_a_long_one_only_with_continuous_batching(reasoner, backend):
     """vLLM: a request arriving while a long batch decodes joins the engine's running batch and
     finishes first. transformers: one batch decodes at a time, so it waits for the long one."""
-    async def race():
-        ac = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+    async def race(url):
+        ac = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         done = {}
 
         async def one(name, n, max_tokens, delay):
@@ -215,10 +215,13 @@ def test_a_short_request_overtakes_a_long_one_only_with_continuous_batching(live
             done[name] = time.monotonic()
 
         t0 = time.monotonic()
-        await asyncio.gather(one("long", 8, 64, 0.0), one("short", 1, 2, 0.15))
+        await asyncio.gather(one("long", 8, 400, 0.0), one("short", 1, 2, 0.15))
         return {k: round(v - t0, 3) for k, v in done.items()}
 
-    done = asyncio.run(race())
+    # 400 tokens: the long decode must outlast the short request's whole path however quick the
+    # engine (8 x 64 tokens took 0.24 s on an idle vLLM engine, a dead heat with the short one)
+    with start(reasoner, served_model_name="ladi-demo", limits=LIMITS.model_copy(update={"max_tokens": 400})) as live:
+        done = asyncio.run(race(live.url))
     if backend == "vllm":
         assert done["short"] < done["long"], done
     else:
