@@ -15,7 +15,7 @@ from .backends import Decoded, DecoderBackend, SamplingParams, StepObserver, Tra
 from .checkpoint import Checkpoint, load_checkpoint
 from .codec import build_inputs_embeds
 from .decoder import chat_prompt, load_decoder
-from .policies import PlanSample, PlansInProgress
+from .policies import PlanSample
 
 
 @dataclass
@@ -88,16 +88,6 @@ class Reasoner:
         cond, mask = pad_embeds(prompt_embeds)
         return self.checkpoint.policy.sample(cond, mask, num_plans, generator=generator, sde=sde,
                                              init_noise=init_noise, **overrides)
-
-    def begin_plans(self, prompt_embeds: list[torch.Tensor], num_plans: int | list[int], *,
-                    init_noise: torch.Tensor | None = None, **overrides) -> PlansInProgress:
-        """`sample_plans` stopped before its first step, for a caller that interleaves many
-        (`advance_plans` moves them on together; `.result()` once `.done`)."""
-        cond, mask = pad_embeds(prompt_embeds)
-        return self.checkpoint.policy.begin(cond, mask, num_plans, init_noise=init_noise, **overrides)
-
-    def advance_plans(self, runs: list[PlansInProgress]) -> None:
-        self.checkpoint.policy.advance(runs)
 
     @torch.no_grad()
     def decode(self, prompt_embeds: list[torch.Tensor], plans: torch.Tensor | None, samples_per_plan: int | list[int],

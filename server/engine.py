@@ -1,19 +1,14 @@
 """The scheduler between HTTP and the model: a bounded queue and one worker thread that batches
-requests arriving together and keeps their plans denoising side by side.
-
-The worker loop, once per denoising step: admit what has queued (one batch, if a decoding slot is
-free), advance every batch in flight one step in a single policy forward, and hand each batch
-whose plans are done to the backend, all its (plan, sample) rows in one call. A request that
-arrives mid-denoising joins at the next step rather than waiting for the others' plans; per-request
-seeds keep results independent of company.
+requests arriving together. A batch's plans are denoised in one policy pass and all its (plan,
+sample) rows handed to the backend in one call; per-request seeds keep results independent of
+company.
 
 How many batches decode at once follows the backend: the transformers backend decodes in the
 calling thread, so one batch decodes at a time; vLLM schedules concurrent calls into its own
 continuous batches, so the worker keeps denoising new arrivals and submitting them while earlier
-batches are still decoding (up to `max_inflight_batches`, counted from admission). Each request
-is answered as soon as its own rows are done, not when its whole batch is: the backend returns
-one future per prefix, and the last of a request's futures to finish answers it (from whichever
-thread finished it).
+batches are still decoding (up to `max_inflight_batches`). Each request is answered as soon as
+its own rows are done, not when its whole batch is: the backend returns one future per prefix,
+and the last of a request's futures to finish answers it (from whichever thread finished it).
 
 Events flow back to each request's asyncio queue: ("delta", candidate, text) while decoding (for
 streaming), then ("done", candidates) or ("error", exception). A request whose client left is
@@ -35,7 +30,6 @@ import torch
 
 from ladi_core.backends import Decoded, SamplingParams
 from ladi_core.generation import Reasoner
-from ladi_core.policies import PlansInProgress
 
 from .metrics import ServerMetrics
 
@@ -169,20 +163,6 @@ class _Prepared:
     latent_s: float
 
 
-@dataclass(eq=False)
-class _Denoising:
-    """An admitted batch while its plans are denoised: one run per sampler setting."""
-
-    jobs: list[Job]
-    embeds: list[torch.Tensor]
-    runs: list[tuple[list[int], PlansInProgress]]  # (indices into jobs, their plans)
-    started: float
-
-    @property
-    def done(self) -> bool:
-        return all(run.done for _, run in self.runs)
-
-
 class Engine:
     def __init__(self, reasoner: Reasoner, metrics: ServerMetrics, *, max_queue: int = 256,
                  max_batch_requests: int = 32, max_batch_sequences: int = 1024, batch_window_ms: float = 5.0,
@@ -223,16 +203,12 @@ class Engine:
         return self._queue.qsize() + len(self._carry)
 
     # --- the worker thread --------------------------------------------------------------------------
-    def _next_batch(self, wait: bool) -> list[Job]:
-        """Queued jobs up to the batch limits. wait: the worker is idle, so block for a first job and
-        give it company until it has waited the window since it arrived (under load the queue filled
-        during the last step, and nobody waits again). Otherwise take only what is already here."""
-        if self._carry:
-            first = self._carry.popleft()
-        else:
-            first = self._queue.get(timeout=0.1) if wait else self._queue.get_nowait()
+    def _next_batch(self) -> list[Job]:
+        first = self._carry.popleft() if self._carry else self._queue.get(timeout=0.1)
         batch, rows = [first], first.rows
-        deadline = first.arrival + self.window if wait else 0.0
+        # company is waited for until the oldest request has waited the window since it arrived:
+        # under load the queue filled during the last policy pass, and nobody waits again
+        deadline = first.arrival + self.window
         while len(batch) < self.max_batch_requests:
             if self._carry:
                 job = self._carry.popleft()
@@ -250,67 +226,35 @@ class Engine:
         return batch
 
     def _worker(self) -> None:
-        denoising: list[_Denoising] = []
         while not self._stop.is_set():
-            started = self._admit(idle=not denoising)
-            if started is not None:
-                denoising.append(started)
-            if not denoising:
+            if not self._slots.acquire(timeout=0.1):  # every decoding slot busy
                 continue
+            handed_off = False
             try:
-                with torch.inference_mode():
-                    self.reasoner.advance_plans([run for d in denoising for _, run in d.runs])
-            except Exception as err:  # one forward served them all: they all hear it
-                for d in denoising:
-                    self._fail(d.jobs, err)
-                    self._slots.release()
-                denoising = []
-                continue
-            for d in [d for d in denoising if d.done]:
-                denoising.remove(d)
-                self._decode(self._prepare(d.jobs, d.embeds, self._plans(d), time.monotonic() - d.started))
-
-    def _admit(self, idle: bool) -> _Denoising | None:
-        """Take one batch off the queue if a decoding slot is free. A latent batch comes back to be
-        denoised; a token-level one goes straight to the backend."""
-        free = self._slots.acquire(timeout=0.1) if idle else self._slots.acquire(blocking=False)
-        if not free:
-            return None
-        handed_off = False  # from here the batch's last future gives the slot back
-        try:
-            batch = self._next_batch(wait=idle)
-            live = []
-            for job in batch:
-                if job.cancelled.is_set():
-                    job.emit(("error", asyncio.CancelledError()))
-                else:
-                    live.append(job)
-            self.metrics.waiting.set(self.waiting)
-            if not live:
-                return None
-            self._count_running(len(live))
-            self.metrics.batch_requests.observe(len(live))
-            now = time.monotonic()
-            for job in live:
-                self.metrics.queue_seconds.observe(now - job.arrival)
-            try:
-                with torch.inference_mode():
-                    embeds = self.reasoner.prompt_embeds([j.prompt_ids for j in live])
-                    started = self._begin(live, embeds) if self.reasoner.is_latent else None
-                    if started is None:
-                        prepared = self._prepare(live, embeds, None, 0.0)
-            except Exception as err:  # one bad batch must not kill the worker
-                self._fail(live, err)
-                return None
-            handed_off = True
-            if started is None:
+                batch = self._next_batch()
+                live = []
+                for job in batch:
+                    if job.cancelled.is_set():
+                        job.emit(("error", asyncio.CancelledError()))
+                    else:
+                        live.append(job)
+                self.metrics.waiting.set(self.waiting)
+                if not live:
+                    continue
+                self._count_running(len(live))
+                self.metrics.batch_requests.observe(len(live))
+                try:
+                    prepared = self._prepare(live)
+                except Exception as err:  # one bad batch must not kill the worker
+                    self._fail(live, err)
+                    continue
+                handed_off = True  # the batch's last future gives the slot back
                 self._decode(prepared)
-            return started
-        except queue.Empty:
-            return None
-        finally:
-            if not handed_off:
-                self._slots.release()
+            except queue.Empty:
+                continue
+            finally:
+                if not handed_off:
+                    self._slots.release()
 
     def _count_running(self, delta: int) -> None:
         with self._lock:
@@ -385,9 +329,15 @@ class Engine:
         job.emit(("done", cands))
         self._count_running(-1)
 
-    def _prepare(self, jobs: list[Job], embeds: list[torch.Tensor], latents: list[torch.Tensor] | None,
-                 latent_s: float) -> _Prepared:
-        """One decoder prefix per (job, plan), every row mapped back to its job and candidate."""
+    @torch.inference_mode()
+    def _prepare(self, jobs: list[Job]) -> _Prepared:
+        """Prompt embeddings and every job's plans (one policy pass per sampler setting)."""
+        r = self.reasoner
+        t0 = time.monotonic()
+        for job in jobs:
+            self.metrics.queue_seconds.observe(t0 - job.arrival)
+        embeds = r.prompt_embeds([j.prompt_ids for j in jobs])
+        latents = self._sample_plans(jobs, embeds) if r.is_latent else None
         prefix_embeds, row_plans, counts, params, prefix_job, prefix_plan, row_job, row_cand = ([] for _ in range(8))
         for j, (job, e) in enumerate(zip(jobs, embeds)):
             plans = range(job.plans) if latents is not None else [None]
@@ -403,35 +353,29 @@ class Engine:
                 base = (m or 0) * n
                 row_job.extend([job] * n)
                 row_cand.extend(range(base, base + n))
-        if latents is not None:
+        latent_s = time.monotonic() - t0
+        if r.is_latent:
             self.metrics.latent_seconds.observe(latent_s)
         return _Prepared(jobs, prefix_embeds, torch.stack(row_plans) if row_plans else None, counts, params,
                          prefix_job, prefix_plan, row_job, row_cand, latent_s)
 
-    def _begin(self, jobs: list[Job], embeds: list[torch.Tensor]) -> _Denoising:
-        """Start every job's plans from its own seed; jobs with the same sampler settings share a run."""
+    def _sample_plans(self, jobs: list[Job], embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each request's plans from its own seed; requests with the same sampler settings share a pass."""
         codec_cfg = self.reasoner.checkpoint.codec.cfg
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(tuple(sorted(job.overrides.items())), []).append(i)
-        runs = []
+        latents: list[torch.Tensor | None] = [None] * len(jobs)
         for key, idxs in groups.items():
             noise = []
             for i in idxs:
                 job = jobs[i]
                 gen = torch.Generator().manual_seed(job.params.seed) if job.params.seed is not None else None
                 noise.append(torch.randn(job.plans, codec_cfg.latent_tokens, codec_cfg.latent_dim, generator=gen))
-            runs.append((idxs, self.reasoner.begin_plans([embeds[i] for i in idxs], [jobs[i].plans for i in idxs],
-                                                         init_noise=torch.cat(noise), **dict(key))))
-        return _Denoising(jobs, embeds, runs, time.monotonic())
-
-    @staticmethod
-    def _plans(d: _Denoising) -> list[torch.Tensor]:
-        """Each job's finished plans, in job order."""
-        latents: list[torch.Tensor | None] = [None] * len(d.jobs)
-        for idxs, run in d.runs:
-            sample, start = run.result(), 0
+            sample = self.reasoner.sample_plans([embeds[i] for i in idxs], [jobs[i].plans for i in idxs],
+                                                init_noise=torch.cat(noise), **dict(key))
+            start = 0
             for i in idxs:
-                latents[i] = sample.latents[start:start + d.jobs[i].plans]
-                start += d.jobs[i].plans
+                latents[i] = sample.latents[start:start + jobs[i].plans]
+                start += jobs[i].plans
         return latents  # type: ignore[return-value]

@@ -138,36 +138,6 @@ def test_question_context_masks_padding_and_hides_the_question(policy):
     assert torch.allclose(policy.denoiser(x5, s5, once), policy.denoiser(x5, s5, each), atol=1e-5)
 
 
-def test_runs_advanced_together_match_each_run_alone(policy):
-    """What a server does: runs at different steps, with different settings and question lengths,
-    share one denoiser forward per step, and each ends where it would have alone."""
-    c, m = cond()
-    c3, m3 = torch.randn(3, 4, 16), torch.ones(3, 4, dtype=torch.bool)
-
-    def runs():
-        return [policy.begin(c, m, 3, generator=torch.Generator().manual_seed(1)),
-                policy.begin(c3, m3, 2, generator=torch.Generator().manual_seed(2), guidance=2.0, diversity=0.5,
-                             steps=4),
-                policy.begin(c[:1], m[:1], 4, generator=torch.Generator().manual_seed(3), sde=True, steps=3)]
-
-    alone = []
-    for r in runs():
-        while not r.done:
-            policy.advance([r])
-        alone.append(r.result())
-    together = runs()
-    policy.advance(together[:1])  # the first is one step ahead of the others
-    while not all(r.done for r in together):
-        policy.advance(together)
-    for a, t in zip(alone, together):
-        assert torch.allclose(a.latents, t.result().latents, atol=1e-5)
-        if a.log_probs is not None:
-            assert torch.allclose(a.log_probs, t.result().log_probs, atol=1e-4)
-    assert policy.sample(c, m, 3, generator=torch.Generator().manual_seed(1)).latents.equal(alone[0].latents)
-    with pytest.raises(RuntimeError, match="step 0 of"):
-        runs()[0].result()
-
-
 def test_diversity_guidance_spreads_the_plans(policy):
     c, m = cond()
     plain = policy.sample(c, m, 6, generator=torch.Generator().manual_seed(0), diversity=0.0)

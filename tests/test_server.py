@@ -228,33 +228,6 @@ def test_a_short_request_overtakes_a_long_one_only_with_continuous_batching(reas
         assert done["short"] >= done["long"], done
 
 
-def test_a_request_arriving_mid_denoising_joins_at_the_next_step(reasoner, backend):
-    """vLLM: plans of a request that arrives while another's are denoising start at the next step,
-    so a 1-step request is answered long before a 600-step one. transformers: one batch at a time
-    (denoised, then decoded), so the newcomer waits for the long request."""
-    async def race(url):
-        ac = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        done = {}
-
-        async def one(name, n, steps, delay):
-            await asyncio.sleep(delay)
-            await ac.chat.completions.create(model="ladi-demo", messages=[{"role": "user", "content": Q}], n=n,
-                                             max_tokens=4, seed=1, extra_body={"denoising_steps": steps})
-            done[name] = time.monotonic()
-
-        t0 = time.monotonic()
-        await asyncio.gather(one("long", 8, 600, 0.0), one("short", 1, 1, 0.2))
-        return {k: round(v - t0, 3) for k, v in done.items()}
-
-    limits = LIMITS.model_copy(update={"max_denoising_steps": 600})
-    with start(reasoner, served_model_name="ladi-demo", limits=limits) as live:
-        done = asyncio.run(race(live.url))
-    if backend == "vllm":
-        assert done["short"] < done["long"] / 2, done
-    else:
-        assert done["short"] >= done["long"], done
-
-
 def test_seeded_result_does_not_depend_on_company(live, client):
     alone = [c.message.content for c in ask(client, n=2, seed=123).choices]
 

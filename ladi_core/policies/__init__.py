@@ -1,5 +1,5 @@
 """Latent policies: what proposes latent plans for a question. Diffusion is the first."""
-from .base import LatentPolicy, PlanSample, PlansInProgress
+from .base import LatentPolicy, PlanSample
 from .diffusion import DiffusionPolicy, DiffusionPolicyConfig, SamplerConfig
 
-__all__ = ["LatentPolicy", "PlanSample", "PlansInProgress", "DiffusionPolicy", "DiffusionPolicyConfig", "SamplerConfig"]
+__all__ = ["LatentPolicy", "PlanSample", "DiffusionPolicy", "DiffusionPolicyConfig", "SamplerConfig"]

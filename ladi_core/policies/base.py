@@ -19,28 +19,9 @@ class PlanSample:
     sigmas: torch.Tensor | None = None  # [steps + 1]
 
 
-class PlansInProgress(Protocol):
-    """Plans part-way through sampling (see `LatentPolicy.begin`)."""
-
-    @property
-    def done(self) -> bool: ...
-
-    def result(self) -> PlanSample: ...
-
-
 class LatentPolicy(Protocol):
     def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, num_plans: int | list[int], *,
                generator: torch.Generator | None = None, sde: bool = False,
                init_noise: torch.Tensor | None = None, **overrides) -> PlanSample:
         """cond [Q, T, hidden]: the question's prompt embeddings (padded), cond_mask [Q, T] True = real."""
-        ...
-
-    def begin(self, cond: torch.Tensor, cond_mask: torch.Tensor, num_plans: int | list[int], *,
-              generator: torch.Generator | None = None, sde: bool = False,
-              init_noise: torch.Tensor | None = None, **overrides) -> PlansInProgress:
-        """`sample`, stopped before its first step: `advance` moves it on, `result` ends it."""
-        ...
-
-    def advance(self, runs: list[PlansInProgress]) -> None:
-        """One step for every unfinished run, batched together (a server keeps many in flight)."""
         ...

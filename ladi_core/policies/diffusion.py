@@ -1,11 +1,6 @@
 """The diffusion latent policy: a small transformer denoiser that learns p(plan | question) by
 rectified flow, and the one sampler that training (SFT loss, RL rollouts) and serving share.
 
-The sampler is a stepper: `begin` starts plans (a `Denoising`), `advance` moves any number of them
-one step in a single denoiser forward, whatever step each has reached and whatever its settings.
-`sample` is one `Denoising` advanced to the end (RL, evaluation); the server keeps many in flight,
-so a request that arrives mid-pass joins at the next step instead of waiting for the pass.
-
 The question enters as the decoder's own prompt embeddings (the same tensors the decoder reads).
 It is encoded once per question into per-layer keys and values (`QuestionContext`); the few latent
 tokens then cross-attend to them at every denoising step, so M plans x K steps cost M x K passes
@@ -15,7 +10,7 @@ hidden question is well defined.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -69,28 +64,9 @@ class QuestionContext:
         mask[:, 1:] &= ~drop[:, None]
         return QuestionContext(self.kv, mask)
 
-    @staticmethod
-    def stack(ctxs: list[QuestionContext]) -> QuestionContext:
-        """Rows of several contexts in one batch, keys right-padded (and masked) to the longest."""
-        if len(ctxs) == 1:
-            return ctxs[0]
-        t = max(c.mask.shape[1] for c in ctxs)
-        b = sum(c.mask.shape[0] for c in ctxs)
-        mask = ctxs[0].mask.new_zeros(b, t)
-        kv = []
-        for layer in range(len(ctxs[0].kv)):
-            k0 = ctxs[0].kv[layer][0]
-            k, v = (k0.new_zeros(b, k0.shape[1], t, k0.shape[3]) for _ in range(2))
-            kv.append((k, v))
-        start = 0
-        for c in ctxs:
-            rows, length = c.mask.shape
-            mask[start:start + rows, :length] = c.mask
-            for (k, v), (ck, cv) in zip(kv, c.kv):
-                k[start:start + rows, :, :length] = ck
-                v[start:start + rows, :, :length] = cv
-            start += rows
-        return QuestionContext(kv, mask)
+    def cat(self, other: QuestionContext) -> QuestionContext:
+        kv = [(torch.cat([k, k2]), torch.cat([v, v2])) for (k, v), (k2, v2) in zip(self.kv, other.kv)]
+        return QuestionContext(kv, torch.cat([self.mask, other.mask]))
 
 
 class _Block(nn.Module):
@@ -204,28 +180,19 @@ class DiffusionPolicy(nn.Module):
 
     def velocity(self, x: torch.Tensor, sigma: float, ctx: QuestionContext, guidance: float) -> torch.Tensor:
         """Guided velocity; with guidance != 1 the conditional and unconditional passes share a batch."""
-        return self._velocities([(x, torch.full((x.shape[0],), float(sigma), device=x.device), ctx, guidance)])[0]
+        s = torch.full((x.shape[0],), float(sigma), device=x.device)
+        if guidance == 1.0:
+            return self.denoiser(x, s, ctx)
+        b = x.shape[0]
+        hidden = ctx.hide(torch.ones(b, dtype=torch.bool, device=x.device))
+        v = self.denoiser(torch.cat([x, x]), torch.cat([s, s]), ctx.cat(hidden))
+        v_cond, v_uncond = v.chunk(2)
+        return v_uncond + guidance * (v_cond - v_uncond)
 
-    def _velocities(self, parts: list[tuple[torch.Tensor, torch.Tensor, QuestionContext, float]]) -> list[torch.Tensor]:
-        """Guided velocities of several (x, per-row sigma, ctx, guidance) parts in one denoiser forward:
-        every part's conditional rows, then the unconditional rows of the parts that use guidance."""
-        guided = [p for p in parts if p[3] != 1.0]
-        rows = parts + [(x, s, ctx.hide(torch.ones(x.shape[0], dtype=torch.bool, device=x.device)), g)
-                        for x, s, ctx, g in guided]
-        x = torch.cat([p[0] for p in rows]) if len(rows) > 1 else rows[0][0]
-        s = torch.cat([p[1] for p in rows]) if len(rows) > 1 else rows[0][1]
-        v = self.denoiser(x, s, QuestionContext.stack([p[2] for p in rows])).split([p[0].shape[0] for p in rows])
-        out, uncond = list(v[:len(parts)]), iter(v[len(parts):])
-        for i, (_, _, _, g) in enumerate(parts):
-            if g != 1.0:
-                v_uncond = next(uncond)
-                out[i] = v_uncond + g * (out[i] - v_uncond)
-        return out
-
-    def begin(self, cond: torch.Tensor, cond_mask: torch.Tensor, num_plans: int | list[int], *,
-              generator: torch.Generator | None = None, sde: bool = False, init_noise: torch.Tensor | None = None,
-              **overrides) -> Denoising:
-        """`num_plans` plans per question (one count for all, or one per question), at pure noise.
+    def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, num_plans: int | list[int], *,
+               generator: torch.Generator | None = None, sde: bool = False, init_noise: torch.Tensor | None = None,
+               **overrides) -> PlanSample:
+        """`num_plans` plans per question (one count for all, or one per question), denoised as one batch.
 
         sde=False: Euler ODE. sde=True: Flow-GRPO steps; keeps the trajectory and log-probs.
         init_noise: the starting point x_1 per plan row (a server draws it from each request's seed).
@@ -243,70 +210,20 @@ class DiffusionPolicy(nn.Module):
             raise ValueError(f"init_noise has shape {tuple(init_noise.shape)}, expected {shape}")
         x = init_noise.to(cond.device) * sc.init_noise_scale
         group = counts[0] if len(set(counts)) == 1 else counts
-        run = Denoising(x, ctx, group, sc, flow.sigma_schedule(sc.steps, sc.shift), sde, generator)
-        if sde:
-            run.trajectory.append(x)
-        return run
-
-    def advance(self, runs: list[Denoising]) -> None:
-        """One step for every unfinished run, all in one denoiser forward."""
-        live = [r for r in runs if not r.done]
-        if not live:
-            return
-        sigmas = [torch.full((r.x.shape[0],), r.sigma, device=r.x.device) for r in live]
-        vs = self._velocities([(r.x, s, r.ctx, r.settings.guidance) for r, s in zip(live, sigmas)])
-        for r, v in zip(live, vs):
-            sig, nxt, sc = r.sigma, float(r.sigmas[r.step + 1]), r.settings
+        sigmas = flow.sigma_schedule(sc.steps, sc.shift)
+        traj, logps = [x], []
+        for i in range(sc.steps):
+            sig, nxt = float(sigmas[i]), float(sigmas[i + 1])
+            v = self.velocity(x, sig, ctx, sc.guidance)
             if sc.diversity:
                 # v points towards noise and dt < 0: subtracting g moves the plans apart.
-                v = v - sc.diversity * sig * flow.repulsion(r.x, r.group)
-            if r.sde:
-                r.x, lp, _, _ = flow.sde_step(r.x, v, sig, nxt, sc.noise_level, r.generator)
-                r.log_probs.append(lp)
-                r.trajectory.append(r.x)
+                v = v - sc.diversity * sig * flow.repulsion(x, group)
+            if sde:
+                x, lp, _, _ = flow.sde_step(x, v, sig, nxt, sc.noise_level, generator)
+                logps.append(lp)
+                traj.append(x)
             else:
-                r.x = flow.ode_step(r.x, v, sig, nxt)
-            r.step += 1
-
-    def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, num_plans: int | list[int], *,
-               generator: torch.Generator | None = None, sde: bool = False, init_noise: torch.Tensor | None = None,
-               **overrides) -> PlanSample:
-        """`begin`, then `advance` to the end: the plans of every question denoised as one batch."""
-        run = self.begin(cond, cond_mask, num_plans, generator=generator, sde=sde, init_noise=init_noise,
-                         **overrides)
-        while not run.done:
-            self.advance([run])
-        return run.result()
-
-
-@dataclass(eq=False)
-class Denoising:
-    """Plans part-way through sampling: rows of one or more questions, all at the same step and with
-    one sampler setting. Made by `DiffusionPolicy.begin`, moved by `DiffusionPolicy.advance`."""
-
-    x: torch.Tensor  # [rows, L, d_z], the current point
-    ctx: QuestionContext  # one row per plan
-    group: int | list[int]  # plans per question (diversity acts within a question)
-    settings: SamplerConfig
-    sigmas: torch.Tensor  # [steps + 1]
-    sde: bool = False
-    generator: torch.Generator | None = None
-    step: int = 0
-    trajectory: list[torch.Tensor] = field(default_factory=list)  # sde only
-    log_probs: list[torch.Tensor] = field(default_factory=list)  # sde only
-
-    @property
-    def done(self) -> bool:
-        return self.step >= self.settings.steps
-
-    @property
-    def sigma(self) -> float:
-        return float(self.sigmas[self.step])
-
-    def result(self) -> PlanSample:
-        if not self.done:
-            raise RuntimeError(f"plans are at step {self.step} of {self.settings.steps}")
-        if not self.sde:
-            return PlanSample(self.x, self.group)
-        return PlanSample(self.x, self.group, torch.stack(self.log_probs, 1), torch.stack(self.trajectory),
-                          self.sigmas)
+                x = flow.ode_step(x, v, sig, nxt)
+        if not sde:
+            return PlanSample(x, group)
+        return PlanSample(x, group, torch.stack(logps, 1), torch.stack(traj), sigmas)
