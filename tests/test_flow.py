@@ -138,6 +138,35 @@ def test_question_context_masks_padding_and_hides_the_question(policy):
     assert torch.allclose(policy.denoiser(x5, s5, once), policy.denoiser(x5, s5, each), atol=1e-5)
 
 
+def test_traced_denoiser_samples_the_same_plans_and_follows_the_weights():
+    """What the server runs (`trace_denoiser`): the same plans as eager, any batch and question
+    length, the same state dict, gradients still through the eager module, and weight updates seen."""
+    torch.manual_seed(0)
+    p = DiffusionPolicy(DiffusionPolicyConfig(latent_tokens=3, latent_dim=8, hidden_size=16, d_model=32, layers=1,
+                                              heads=2), SamplerConfig(steps=4)).eval()
+    torch.nn.init.normal_(p.denoiser.out.weight, std=0.1)
+    c, m = cond()
+    keys = sorted(p.state_dict())
+
+    def plans():
+        with torch.inference_mode():
+            return p.sample(c, m, [3, 2], generator=torch.Generator().manual_seed(0), guidance=1.5,
+                            diversity=0.3).latents
+
+    eager = plans()
+    p.trace_denoiser()
+    assert torch.allclose(plans(), eager, atol=1e-5)
+    assert sorted(p.state_dict()) == keys
+    ctx = p.context(c, m).repeat(torch.tensor([3, 2]))
+    x, s = torch.randn(5, 3, 8), torch.full((5,), 0.5)
+    p.velocity(x, 0.5, ctx, 1.0).sum().backward()
+    assert p.denoiser.out.weight.grad is not None
+    with torch.no_grad():
+        p.denoiser.out.bias.add_(0.5)
+        assert torch.allclose(p.velocity(x, 0.5, ctx, 1.0), p.denoiser(x, s, ctx), atol=1e-5)
+    assert not torch.allclose(plans(), eager, atol=1e-3)
+
+
 def test_diversity_guidance_spreads_the_plans(policy):
     c, m = cond()
     plain = policy.sample(c, m, 6, generator=torch.Generator().manual_seed(0), diversity=0.0)

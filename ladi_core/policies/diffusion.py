@@ -154,12 +154,26 @@ class Denoiser(nn.Module):
         return self.out(self.norm(h[:, 1:]))
 
 
+class _ContextArgs(nn.Module):
+    """The denoiser with its context as plain tensors, the form `torch.jit.trace` takes."""
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],
+                mask: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(x, sigma, QuestionContext(kv, mask))
+
+
 class DiffusionPolicy(nn.Module):
     def __init__(self, cfg: DiffusionPolicyConfig, sampler: SamplerConfig | None = None):
         super().__init__()
         self.cfg = cfg
         self.sampler = sampler or SamplerConfig()
         self.denoiser = Denoiser(cfg)
+        # not a submodule: the state dict stays the denoiser's own (see `trace_denoiser`)
+        object.__setattr__(self, "_traced", None)
 
     # --- training (SFT) ------------------------------------------------------------------------
     def flow_matching_loss(self, z0: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
@@ -174,6 +188,28 @@ class DiffusionPolicy(nn.Module):
         return (v - (eps - z0)).pow(2).mean()
 
     # --- sampling (shared by RL rollouts and serving) -------------------------------------------
+    def trace_denoiser(self) -> None:
+        """Run the denoiser as one TorchScript graph whenever no gradient is wanted (serving).
+
+        Eager PyTorch takes the GIL back between every op, ~120 per denoiser forward. Beside a
+        busy Python thread (a server's event loop) each hand-back can wait out the 5 ms switch
+        interval: `python -m benchmarks.denoiser_gil` prints a forward of a few ms alone that takes
+        hundreds beside a spinning thread, and a traced one that keeps close to its own time. The
+        graph shares this module's parameters and reads any batch size or question length.
+        """
+        d = self.cfg
+        with torch.no_grad():
+            ctx = self.context(torch.zeros(2, 3, d.hidden_size), torch.ones(2, 3, dtype=torch.bool))
+            x = torch.zeros(2, d.latent_tokens, d.latent_dim)
+            traced = torch.jit.trace(_ContextArgs(self.denoiser).eval(), (x, torch.ones(2), ctx.kv, ctx.mask),
+                                     check_trace=False)
+        object.__setattr__(self, "_traced", traced)
+
+    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, ctx: QuestionContext) -> torch.Tensor:
+        if self._traced is not None and not torch.is_grad_enabled():
+            return self._traced(x, sigma, ctx.kv, ctx.mask)
+        return self.denoiser(x, sigma, ctx)
+
     def context(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> QuestionContext:
         """Encode questions once; `velocity` reuses the result at every step."""
         return self.denoiser.encode(cond, cond_mask)
@@ -182,10 +218,10 @@ class DiffusionPolicy(nn.Module):
         """Guided velocity; with guidance != 1 the conditional and unconditional passes share a batch."""
         s = torch.full((x.shape[0],), float(sigma), device=x.device)
         if guidance == 1.0:
-            return self.denoiser(x, s, ctx)
+            return self._denoise(x, s, ctx)
         b = x.shape[0]
         hidden = ctx.hide(torch.ones(b, dtype=torch.bool, device=x.device))
-        v = self.denoiser(torch.cat([x, x]), torch.cat([s, s]), ctx.cat(hidden))
+        v = self._denoise(torch.cat([x, x]), torch.cat([s, s]), ctx.cat(hidden))
         v_cond, v_uncond = v.chunk(2)
         return v_uncond + guidance * (v_cond - v_uncond)
 
