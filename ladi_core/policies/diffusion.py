@@ -197,11 +197,11 @@ class DiffusionPolicy(nn.Module):
         hundreds beside a spinning thread, and a traced one that keeps close to its own time. The
         graph shares this module's parameters and reads any batch size or question length.
         """
-        d = self.cfg
+        d, w = self.cfg, self.denoiser.null  # example inputs on the policy's device, in its dtype
         with torch.no_grad():
-            ctx = self.context(torch.zeros(2, 3, d.hidden_size), torch.ones(2, 3, dtype=torch.bool))
-            x = torch.zeros(2, d.latent_tokens, d.latent_dim)
-            traced = torch.jit.trace(_ContextArgs(self.denoiser).eval(), (x, torch.ones(2), ctx.kv, ctx.mask),
+            ctx = self.context(w.new_zeros(2, 3, d.hidden_size), torch.ones(2, 3, dtype=torch.bool, device=w.device))
+            x = w.new_zeros(2, d.latent_tokens, d.latent_dim)
+            traced = torch.jit.trace(_ContextArgs(self.denoiser), (x, w.new_ones(2), ctx.kv, ctx.mask),
                                      check_trace=False)
         object.__setattr__(self, "_traced", traced)
 
