@@ -76,24 +76,33 @@ def test_cancelling_a_future_aborts_its_engine_request(vllm_reasoner, prefixes, 
     """Rows nobody watches step by step come back only when they finish, so cancelling their
     future is how they stop early: the engine is told to abort each one, and goes on serving."""
     backend = vllm_reasoner.backend
-    aborted, real_abort = [], backend.engine.abort
+    added, aborted = [], []
+    real_add, real_abort = backend.engine.add_request, backend.engine.abort
 
-    async def spy(request_id, *args, **kwargs):
+    async def add_spy(request_id, *args, **kwargs):
+        queue = await real_add(request_id, *args, **kwargs)
+        added.append(queue.request_id)  # the engine's id, which abort is called with
+        return queue
+
+    async def abort_spy(request_id, *args, **kwargs):
         aborted.append(request_id)
         return await real_abort(request_id, *args, **kwargs)
 
-    monkeypatch.setattr(backend.engine, "abort", spy)
+    monkeypatch.setattr(backend.engine, "add_request", add_spy)
+    monkeypatch.setattr(backend.engine, "abort", abort_spy)
     unfinished = backend.engine.output_processor.get_num_unfinished_requests
     # temperature 2 samples near-uniformly over 320 tokens: texts run for hundreds of tokens
     futures = backend.submit(prefixes[1], 8, SamplingParams(temperature=2.0, max_tokens=400))
+    # wait until every request is in the engine: a task cancelled before its request was added has
+    # nothing to abort, and cancelling earlier would leave the count of aborts a matter of timing
     deadline = time.time() + 30
-    while unfinished() == 0 and time.time() < deadline:
+    while len(added) < len(futures) and time.time() < deadline:
         time.sleep(0.01)
-    assert unfinished() > 0 and not any(f.done() for f in futures)
+    assert len(added) == len(futures) and not any(f.done() for f in futures)
     assert all(f.cancel() for f in futures)
     while unfinished() > 0 and time.time() < deadline:
         time.sleep(0.01)
-    assert unfinished() == 0 and len(aborted) == len(futures)
+    assert unfinished() == 0 and sorted(aborted) == sorted(added)
     (out,) = backend.generate(prefixes[1][:1], 1, SamplingParams(temperature=0.0, max_tokens=8))
     assert out[0].token_ids
 
