@@ -169,9 +169,8 @@ class Engine:
                  max_inflight_batches: int | None = None):
         self.reasoner = reasoner
         self.metrics = metrics
-        policy = reasoner.checkpoint.policy if reasoner.is_latent else None
-        if hasattr(policy, "trace_denoiser"):  # it runs beside the event loop: one graph, not a GIL trip per op
-            policy.trace_denoiser()
+        if reasoner.is_latent:
+            reasoner.checkpoint.policy.prepare_for_serving()
         self.max_batch_requests = max_batch_requests
         self.max_batch_sequences = max_batch_sequences
         self.window = batch_window_ms / 1000

@@ -25,3 +25,8 @@ class LatentPolicy(Protocol):
                init_noise: torch.Tensor | None = None, **overrides) -> PlanSample:
         """cond [Q, T, hidden]: the question's prompt embeddings (padded), cond_mask [Q, T] True = real."""
         ...
+
+    def prepare_for_serving(self) -> None:
+        """Called once by the server, which samples without gradients in a worker thread beside a
+        busy event loop: the place to switch to a faster gradient-free form."""
+        ...

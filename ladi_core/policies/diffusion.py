@@ -206,6 +206,10 @@ class DiffusionPolicy(nn.Module):
                                      check_trace=False)
         object.__setattr__(self, "_traced", traced)
 
+    def prepare_for_serving(self) -> None:
+        """Serving samples through the traced denoiser (`LatentPolicy.prepare_for_serving`)."""
+        self.trace_denoiser()
+
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, ctx: QuestionContext) -> torch.Tensor:
         if self._traced is not None and not torch.is_grad_enabled():
             return self._traced(x, sigma, ctx.kv, ctx.mask)
