@@ -6,7 +6,11 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
+import sys
+import threading
 import time
+from pathlib import Path
 
 from ladi_core.backends.vllm import add_option_arguments, options_from_arguments
 
@@ -33,6 +37,12 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--torch-threads", type=int, help=ServerConfig.model_fields["torch_threads"].description)
     p.add_argument("--pin-cpus", action=argparse.BooleanOptionalAction, default=True,
                    help=ServerConfig.model_fields["pin_cpus"].description)
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help=ServerConfig.model_fields["allow_code_execution"].description)
+    p.add_argument("--request-timeout-s", type=float, default=ServerConfig.model_fields["request_timeout_s"].default,
+                   help=ServerConfig.model_fields["request_timeout_s"].description)
+    p.add_argument("--shutdown-grace-s", type=float, default=ServerConfig.model_fields["shutdown_grace_s"].default,
+                   help=ServerConfig.model_fields["shutdown_grace_s"].description)
     for name, field in Limits.model_fields.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=field.default, help=field.description)
     add_option_arguments(p)
@@ -46,7 +56,8 @@ def parse_args(argv=None) -> ServerConfig:
                         max_batch_requests=a.max_batch_requests, max_batch_sequences=a.max_batch_sequences,
                         batch_window_ms=a.batch_window_ms, default_max_tokens=a.default_max_tokens,
                         denoising_steps=a.denoising_steps, torch_threads=a.torch_threads, pin_cpus=a.pin_cpus,
-                        vllm=vllm, log_level=a.log_level)
+                        allow_code_execution=a.allow_code_execution, request_timeout_s=a.request_timeout_s,
+                        shutdown_grace_s=a.shutdown_grace_s, vllm=vllm, log_level=a.log_level)
 
 
 def resolve_backend(name: str) -> str:
@@ -60,12 +71,24 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def build_app(cfg: ServerConfig):
+def resolve_engine_options(cfg: ServerConfig, backend: str) -> ServerConfig:
+    """The vLLM options with what the platform leaves open filled in (the CPU KV cache, sized from
+    the model), so that the printed configuration is the one that runs."""
+    if backend != "vllm":
+        return cfg
+    from ladi_core.backends.vllm import resolve_options
+
+    opts, how = resolve_options(Path(cfg.checkpoint) / "decoder", cfg.vllm)
+    if how:
+        print(how, flush=True)
+    return cfg.model_copy(update={"vllm": opts})
+
+
+def build_app(cfg: ServerConfig, backend: str):
     from ladi_core.generation import Reasoner
 
     from .app import create_app
 
-    backend = resolve_backend(cfg.backend)
     if backend == "vllm":
         reasoner = Reasoner.from_checkpoint(cfg.checkpoint, device=cfg.device, backend="vllm", options=cfg.vllm)
     else:
@@ -87,18 +110,83 @@ def build_app(cfg: ServerConfig):
     return create_app(cfg, reasoner, backend, owns_reasoner=True)
 
 
-def main(argv=None) -> None:
-    import uvicorn
+def _start_failure(backend: str, err: BaseException) -> str:
+    """One line that says what failed and what to change."""
+    what = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    if backend == "vllm":
+        return (f"error: the vLLM engine failed to start ({what}; its own log is above). Change: a smaller "
+                "--vllm-cpu-kvcache-space-gib or --vllm-max-model-len on CPU, a lower "
+                "--vllm-gpu-memory-utilization on GPU, or --backend transformers")
+    return f"error: the server failed to load {what}"
 
+
+class _Uvicorn:
+    """uvicorn's server with the two exits this one needs: SIGTERM drains (requests in flight get
+    `shutdown_grace_s`, then a clear 503), and a dead backend ends the process non-zero."""
+
+    def __init__(self, app, cfg: ServerConfig):
+        import uvicorn
+
+        srv = app.state.server
+        outer = self
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                if sig in (signal.SIGTERM, signal.SIGINT) and srv.loop is not None:
+                    srv.drain(cfg.shutdown_grace_s, srv.loop)
+                super().handle_exit(sig, frame)
+
+        self.server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                                            timeout_graceful_shutdown=max(1, round(cfg.shutdown_grace_s))))
+        self.fatal: str | None = None
+
+        def on_fatal(reason: str) -> None:
+            outer.fatal = reason
+            self.server.should_exit = True
+            # whatever hangs in shutdown (a dead engine's client), the process ends within seconds
+            timer = threading.Timer(FATAL_EXIT_S, os._exit, args=(FATAL_EXIT_CODE,))
+            timer.daemon = True
+            timer.start()
+
+        srv.on_fatal = on_fatal
+
+    def run(self) -> int:
+        self.server.run()
+        return FATAL_EXIT_CODE if self.fatal is not None else 0
+
+
+FATAL_EXIT_CODE = 70  # EX_SOFTWARE: the backend died; a supervisor should restart the server
+FATAL_EXIT_S = 5.0
+
+
+def main(argv=None) -> None:
     cfg = parse_args(argv)
+    backend = resolve_backend(cfg.backend)
+    if cfg.allow_code_execution:
+        from ladi_core.verifiers.sandbox import SandboxUnavailable, check
+
+        try:
+            check()
+        except SandboxUnavailable as err:
+            raise SystemExit(f"error: --allow-code-execution needs the code sandbox: {err}") from None
+    cfg = resolve_engine_options(cfg, backend)
     shown = cfg.model_dump()
     if shown["api_key"]:
         shown["api_key"] = "***"
     print("LaDi server configuration:\n" + json.dumps(shown, indent=2), flush=True)
     t0 = time.time()
-    app = build_app(cfg)
+    try:
+        app = build_app(cfg, backend)
+    except Exception as err:
+        print(_start_failure(backend, err), flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # an engine that failed half-way may hold threads that block a normal exit
     print(f"loaded {cfg.checkpoint} in {time.time() - t0:.1f}s; serving on http://{cfg.host}:{cfg.port}", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    code = _Uvicorn(app, cfg).run()
+    if code:
+        print(f"exiting with status {code}: {app.state.server.dead}", flush=True)
+        sys.stdout.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

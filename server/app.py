@@ -1,13 +1,16 @@
-"""HTTP layer: OpenAI-compatible routes, auth, limits and error shapes. Everything model-related
-happens in the engine; this file turns requests into engine jobs and results into responses."""
+"""HTTP layer: OpenAI-compatible routes, auth, limits, error shapes, and the server's lifecycle
+(health that tells the truth, deadlines, draining on SIGTERM). Validation is `validate.py`'s
+one step; everything model-related happens in the engine; this file turns plans of work into
+engine jobs and results into responses built from `protocol.py`'s models."""
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,30 +19,39 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ladi_core.backends import SamplingParams
+from ladi_core.backends import BackendDead
 from ladi_core.checkpoint import git_commit
 from ladi_core.generation import Reasoner
 
 from .config import ServerConfig
 from .engine import Engine, Job, QueueFull
+from .errors import APIError, DeadlineExceeded, ShuttingDown, from_failure
 from .metrics import ServerMetrics
-from .modes import BadRequest, Layout, layout, resolve_verifier, select
-from .protocol import ChatCompletionRequest, CompletionRequest, LadiParams, error_body, new_id, now
+from .modes import select, spread
+from .protocol import (
+    ChatChoice,
+    ChatChoiceMessage,
+    ChatCompletionRequest,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    LadiInfo,
+    PassAtK,
+    Usage,
+    new_id,
+    now,
+)
+from .validate import WorkPlan, plan_request
 
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+HEALTH_POLL_S = 0.5  # how often the backend's liveness is checked
 
 
 class ClientGone(Exception):
     pass
 
 
-def _error(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+def _error(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
 
 
 async def read_json(request: Request, limit: int) -> dict:
@@ -71,7 +83,8 @@ def parse(model_cls, data: dict):
 
 
 class Server:
-    """The app's state: config, reasoner, engine and metrics, plus request validation."""
+    """The app's state: config, reasoner, engine, metrics, the requests in flight, and whether the
+    server still takes work (its backend alive, no shutdown under way)."""
 
     def __init__(self, cfg: ServerConfig, reasoner: Reasoner, backend_name: str):
         self.cfg = cfg
@@ -85,10 +98,14 @@ class Server:
                              max_batch_requests=cfg.max_batch_requests,
                              max_batch_sequences=cfg.max_batch_sequences, batch_window_ms=cfg.batch_window_ms)
         self.backend_name = backend_name
-        self.task = reasoner.checkpoint.config.task
-        self.max_positions = reasoner.backend.max_model_len
+        self.inflight: set[RequestContext] = set()
+        self.dead: str | None = None  # why the backend can no longer decode
+        self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop serving requests, once started
+        # Set by whoever runs the server (`python -m server`): asked to end the process, non-zero,
+        # once the backend is dead, so that a supervisor restarts it.
+        self.on_fatal: Callable[[str], None] | None = None
 
-    # --- validation --------------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
         if self.cfg.api_key is None:
             return
@@ -97,48 +114,47 @@ class Server:
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                            "authentication_error", code="invalid_api_key")
 
-    def sampling(self, req: LadiParams) -> tuple[SamplingParams, dict]:
-        lim = self.cfg.limits
-        if not 0.0 <= req.temperature <= 2.0:
-            raise BadRequest("temperature must be between 0 and 2", "temperature")
-        if not 0.0 < req.top_p <= 1.0:
-            raise BadRequest("top_p must be in (0, 1]", "top_p")
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(self.cfg.default_max_tokens, lim.max_tokens)
-        if not 1 <= max_tokens <= lim.max_tokens:
-            raise BadRequest(f"max_tokens must be between 1 and {lim.max_tokens}, got {max_tokens}", "max_tokens")
-        if req.seed is not None and not 0 <= req.seed < 2**63:
-            raise BadRequest("seed must be in [0, 2^63)", "seed")
-        stop = req.stop_list()
-        if len(stop) > lim.max_stop_strings or any(not s or len(s) > 64 for s in stop):
-            raise BadRequest(f"stop: at most {lim.max_stop_strings} non-empty strings of up to 64 characters",
-                             "stop")
-        if req.denoising_steps is not None and not 1 <= req.denoising_steps <= lim.max_denoising_steps:
-            raise BadRequest(f"denoising_steps must be between 1 and {lim.max_denoising_steps}", "denoising_steps")
-        if req.guidance_scale is not None and not 0.0 <= req.guidance_scale <= 20.0:
-            raise BadRequest("guidance_scale must be between 0 and 20", "guidance_scale")
-        if req.diversity is not None and not 0.0 <= req.diversity <= 10.0:
-            raise BadRequest("diversity must be between 0 and 10", "diversity")
-        steps = req.denoising_steps or self.cfg.denoising_steps
-        overrides = {k: v for k, v in (("steps", steps), ("guidance", req.guidance_scale),
-                                       ("diversity", req.diversity)) if v is not None}
-        # token log-probs only where they rank candidates: computing them costs vLLM ~20% throughput
-        params = SamplingParams(req.temperature, req.top_p, max_tokens, req.seed, tuple(stop),
-                                logprobs=req.mode == "best_of_n")
-        return params, overrides
+    def admit(self) -> None:
+        """Refuse new work at once when none can be done."""
+        if self.dead is not None:
+            raise from_failure(BackendDead(self.dead))
+        if self.draining:
+            raise APIError(503, "the server is shutting down and takes no new requests", "server_error",
+                           code="shutting_down")
 
-    def prompt_ids(self, text: str, max_tokens: int) -> list[int]:
-        ids = self.reasoner.tokenizer(text, add_special_tokens=False).input_ids
-        lim = self.cfg.limits.max_prompt_tokens
-        if len(ids) > lim:
-            raise BadRequest(f"the prompt has {len(ids)} tokens; the limit is {lim}", "messages")
-        if not ids:
-            raise BadRequest("the prompt is empty", "prompt")
-        if self.max_positions is not None:
-            plan = self.reasoner.checkpoint.codec.cfg.latent_tokens + 2 if self.reasoner.is_latent else 0
-            if len(ids) + plan + max_tokens > self.max_positions:
-                raise BadRequest(f"prompt ({len(ids)} tokens) + plan ({plan}) + max_tokens ({max_tokens}) exceeds "
-                                 f"the model's context of {self.max_positions}", "max_tokens")
-        return ids
+    def fail_all(self, err: BaseException) -> None:
+        """Every request in flight ends now with `err` (as a clear error object, never a cut)."""
+        for ctx in list(self.inflight):
+            ctx.fail(err)
+
+    def backend_died(self, reason: str) -> None:
+        if self.dead is not None:
+            return
+        self.dead = reason
+        print(f"fatal: {reason}; failing {len(self.inflight)} requests in flight and exiting", flush=True)
+        self.fail_all(BackendDead(reason))
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
+    def drain(self, grace_s: float, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGTERM: take no new requests, let those in flight finish for `grace_s`, then end the rest
+        with a clear error (a little before the HTTP server closes their connections)."""
+        if self.draining:
+            return
+        self.draining = True
+        print(f"shutting down: {len(self.inflight)} requests in flight get up to {grace_s:.0f}s", flush=True)
+        timer = threading.Timer(max(0.0, grace_s - 0.5),
+                                lambda: loop.call_soon_threadsafe(self.fail_all, ShuttingDown()))
+        timer.daemon = True
+        timer.start()
+
+    async def watch_backend(self) -> None:
+        while self.dead is None:
+            reason = self.reasoner.backend.dead()
+            if reason is not None:
+                self.backend_died(reason)
+                return
+            await asyncio.sleep(HEALTH_POLL_S)
 
 
 def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "transformers",
@@ -149,11 +165,14 @@ def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "trans
 
     @asynccontextmanager
     async def lifespan(app):
+        srv.loop = asyncio.get_running_loop()
         srv.engine.start()
+        watcher = asyncio.create_task(srv.watch_backend())
         yield
+        watcher.cancel()
         srv.engine.stop()
         close = getattr(reasoner.backend, "close", None)
-        if owns_reasoner and close is not None:
+        if owns_reasoner and close is not None and srv.dead is None:
             close()
 
     app = FastAPI(title="LaDi reasoning server", lifespan=lifespan)
@@ -161,23 +180,27 @@ def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "trans
 
     @app.exception_handler(APIError)
     async def _api_error(request, err: APIError):
-        return _error(err.status, err.message, err.type, err.param, err.code)
+        return _error(err)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, err):
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return _error(err.status_code, str(err.detail), kind)
+        return _error(APIError(err.status_code, str(err.detail), kind))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, err):
-        return _error(400, str(err), "invalid_request_error", code="invalid_parameter")
+        return _error(APIError(400, str(err), code="invalid_parameter"))
 
     @app.exception_handler(Exception)
     async def _internal(request, err):
-        return _error(500, f"internal error: {type(err).__name__}", "server_error")
+        return _error(APIError(500, f"internal error: {type(err).__name__}", "server_error"))
 
     @app.get("/health")
     async def health():
+        if srv.dead is not None:
+            return JSONResponse({"status": "dead", "reason": srv.dead, "model": srv.model_name}, status_code=503)
+        if srv.draining:
+            return JSONResponse({"status": "draining", "model": srv.model_name}, status_code=503)
         return {"status": "ok", "model": srv.model_name}
 
     @app.get("/version")
@@ -219,32 +242,16 @@ def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "trans
             req = parse(ChatCompletionRequest if chat else CompletionRequest,
                         await read_json(request, cfg.limits.max_body_bytes))
             mode = req.mode
-            if req.model not in (None, srv.model_name):
-                raise APIError(404, f"model {req.model!r} does not exist; this server serves {srv.model_name!r}",
-                               "not_found_error", "model", "model_not_found")
-            params, overrides = srv.sampling(req)
-            lay = layout(req, srv.reasoner.is_latent, cfg.limits)
-            rule, verifier = resolve_verifier(req.verifier, srv.task)
-            if req.mode == "pass_at_k" and (req.reference is None or verifier is None):
-                raise BadRequest("pass_at_k needs a `reference` and a verifier", "reference")
-            if chat:
-                messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-                texts = [srv.reasoner.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                                    add_generation_prompt=True)]
-            else:
-                texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-                if not texts or not all(isinstance(t, str) for t in texts):
-                    raise BadRequest("prompt must be a string or a non-empty list of strings", "prompt")
-            ids = [srv.prompt_ids(t, params.max_tokens) for t in texts]
-        except BadRequest as err:
-            srv.metrics.requests.labels(mode, "400").inc()
-            return _error(400, str(err), "invalid_request_error", err.param, "invalid_parameter")
+            srv.admit()
+            plan = plan_request(cfg, srv.reasoner, req, srv.model_name)
         except APIError as err:
             srv.metrics.requests.labels(mode, str(err.status)).inc()
-            return _error(err.status, err.message, err.type, err.param, err.code)
+            return _error(err)
 
         loop = asyncio.get_running_loop()
-        jobs = [Job(i, lay.plans, lay.samples_per_plan, params, loop, overrides, req.stream, req.mode) for i in ids]
+        lay = plan.layout
+        jobs = [Job(ids, lay.plans, lay.samples_per_plan, plan.params, loop, plan.overrides, req.stream, req.mode)
+                for ids in plan.prompts]
         try:
             for job in jobs:
                 srv.engine.submit(job)
@@ -252,23 +259,21 @@ def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "trans
             for job in jobs:
                 job.cancel()
             srv.metrics.requests.labels(mode, "429").inc()
-            return _error(429, str(err), "rate_limit_error", code="queue_full")
-        srv.metrics.prompt_tokens.inc(sum(len(i) for i in ids))
-        ctx = RequestContext(srv, req, jobs, lay, rule, verifier, chat, arrival)
+            return _error(APIError(429, str(err), "rate_limit_error", code="queue_full"))
+        srv.metrics.prompt_tokens.inc(sum(len(i) for i in plan.prompts))
+        ctx = RequestContext(srv, req.mode, req.stream_options, plan, jobs, chat, arrival)
         if req.stream:
             return StreamingResponse(ctx.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             body = await ctx.complete(request)
         except ClientGone:
-            srv.metrics.requests.labels(mode, "499").inc()
+            ctx.observe("499")
             return Response(status_code=499)
-        except BadRequest as err:
-            srv.metrics.requests.labels(mode, "400").inc()
-            return _error(400, str(err), "invalid_request_error", err.param, "invalid_parameter")
-        except Exception as err:  # the engine reported a failure for this batch
-            srv.metrics.requests.labels(mode, "500").inc()
-            return _error(500, f"generation failed: {type(err).__name__}: {err}", "server_error")
+        except Exception as err:
+            failure = from_failure(err)
+            ctx.observe(str(failure.status))
+            return _error(failure)
         ctx.observe("200")
         return JSONResponse(body)
 
@@ -276,20 +281,30 @@ def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "trans
 
 
 class RequestContext:
-    """One accepted request: waits for its jobs and shapes the OpenAI response (or stream)."""
+    """One accepted request: waits for its jobs (up to its deadline) and shapes the OpenAI
+    response or stream. While it lives it is in `Server.inflight`, where a dead backend or the
+    end of a shutdown's grace period can end it with a clear error."""
 
-    def __init__(self, srv: Server, req: LadiParams, jobs: list[Job], lay: Layout, rule, verifier, chat: bool,
+    def __init__(self, srv: Server, mode: str, stream_options, plan: WorkPlan, jobs: list[Job], chat: bool,
                  arrival: float):
-        self.srv, self.req, self.jobs, self.lay = srv, req, jobs, lay
-        self.rule, self.verifier, self.chat, self.arrival = rule, verifier, chat, arrival
+        self.srv, self.mode, self.stream_options, self.plan, self.jobs = srv, mode, stream_options, plan, jobs
+        self.lay = plan.layout
+        self.chat, self.arrival = chat, arrival
+        self.deadline = arrival + srv.cfg.request_timeout_s
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = now()
         self.object = "chat.completion" if chat else "text_completion"
+        self._observed = False
+        srv.inflight.add(self)
 
     def observe(self, status: str) -> None:
+        if self._observed:
+            return
+        self._observed = True
+        self.srv.inflight.discard(self)
         m = self.srv.metrics
-        m.requests.labels(self.req.mode, status).inc()
-        m.e2e.labels(self.req.mode).observe(time.monotonic() - self.arrival)
+        m.requests.labels(self.mode, status).inc()
+        m.e2e.labels(self.mode).observe(time.monotonic() - self.arrival)
         firsts = [j.first_token_at for j in self.jobs if j.first_token_at is not None]
         if firsts:
             m.ttft.observe(min(firsts) - self.arrival)
@@ -298,71 +313,81 @@ class RequestContext:
         for job in self.jobs:
             job.cancel()
 
-    async def _wait(self, job: Job, request: Request | None):
+    def fail(self, err: BaseException) -> None:
+        """End this request with `err`: the waiting handler raises it; the engine drops its rows."""
+        for job in self.jobs:
+            job.events.put_nowait(("error", err))
+        self.cancel()
+
+    async def _next_event(self, job: Job, request: Request | None) -> tuple:
+        """The job's next event; a client that left or a deadline that passed ends the wait."""
         while True:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.cancel()
+                raise DeadlineExceeded(f"the request ran past the server's limit of "
+                                       f"{self.srv.cfg.request_timeout_s:g}s (--request-timeout-s); "
+                                       "its generation was aborted")
             try:
-                ev = await asyncio.wait_for(job.events.get(), timeout=0.25)
+                ev = await asyncio.wait_for(job.events.get(), timeout=min(0.25, left))
             except TimeoutError:
                 if request is not None and await request.is_disconnected():
                     self.cancel()
                     raise ClientGone from None
                 continue
-            if ev[0] == "done":
-                return ev[1]
             if ev[0] == "error":
                 raise ev[1]
+            return ev
 
     async def _select(self, cands):
-        return await asyncio.to_thread(select, self.req.mode, cands, self.lay, self.rule, self.verifier,
-                                       self.req.reference)
+        p = self.plan
+        return await asyncio.to_thread(select, self.mode, cands, self.lay, p.rule, p.verifier, p.reference)
 
-    def _choice(self, index: int, scored) -> dict:
+    def _choice(self, index: int, scored) -> ChatChoice | CompletionChoice:
         c = scored.cand
         extras = {"plan_index": c.plan_index, "score": scored.score, "verified": scored.verified}
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": c.text},
-                    "finish_reason": c.finish_reason, "logprobs": None, **extras}
-        return {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None, **extras}
+            return ChatChoice(index=index, message=ChatChoiceMessage(content=c.text), finish_reason=c.finish_reason,
+                              **extras)
+        return CompletionChoice(index=index, text=c.text, finish_reason=c.finish_reason, **extras)
 
-    def _usage(self, all_cands) -> dict:
+    def _usage(self, all_cands) -> Usage:
         prompt = sum(len(j.prompt_ids) for j in self.jobs)
         completion = sum(len(c.decoded.token_ids) for cands in all_cands for c in cands)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    def _ladi(self) -> dict:
-        return {"mode": self.req.mode, "latent_plans": self.lay.plans if self.srv.reasoner.is_latent else None,
-                "samples_per_plan": self.lay.samples_per_plan,
-                "latent_seconds": round(max(j.latent_s for j in self.jobs), 4),
-                "decode_seconds": round(max(j.decode_s for j in self.jobs), 4)}
+    def _ladi(self) -> LadiInfo:
+        return LadiInfo(mode=self.mode, latent_plans=self.lay.plans if self.srv.reasoner.is_latent else None,
+                        samples_per_plan=self.lay.samples_per_plan,
+                        latent_seconds=round(max(j.latent_s for j in self.jobs), 4),
+                        decode_seconds=round(max(j.decode_s for j in self.jobs), 4))
 
     async def complete(self, request: Request) -> dict:
         choices, summaries, all_cands = [], [], []
         try:
             for job in self.jobs:
-                cands = await self._wait(job, request)
+                cands = (await self._next_event(job, request))[1]
                 all_cands.append(cands)
                 scored, summary = await self._select(cands)
                 base = len(choices)
                 choices.extend(self._choice(base + i, s) for i, s in enumerate(scored))
                 if summary is not None:
-                    summaries.append(summary)
+                    summaries.append(PassAtK(**summary))
         except BaseException:
             self.cancel()
             raise
-        body: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created,
-                                "model": self.srv.model_name, "choices": choices, "usage": self._usage(all_cands),
-                                "ladi": self._ladi()}
-        if summaries:
-            body["pass_at_k"] = summaries[0] if len(summaries) == 1 else summaries
-        return body
+        return CompletionResponse(
+            id=self.id, object=self.object, created=self.created, model=self.srv.model_name, choices=choices,
+            usage=self._usage(all_cands), ladi=self._ladi(),
+            pass_at_k=(summaries[0] if len(summaries) == 1 else summaries) if summaries else None).body()
 
     # --- streaming -------------------------------------------------------------------------------
-    def _chunk(self, choices: list[dict], usage: dict | None = None, **extra) -> str:
+    def _chunk(self, choices: list[dict], usage: Usage | None = None, **extra) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         body = {"id": self.id, "object": obj, "created": self.created, "model": self.srv.model_name,
                 "choices": choices, **extra}
         if usage is not None:
-            body["usage"] = usage
+            body["usage"] = usage.model_dump()
         return f"data: {json.dumps(body)}\n\n"
 
     def _delta(self, index: int, text: str | None = None, role: bool = False, finish=None, extras=None) -> dict:
@@ -379,6 +404,13 @@ class RequestContext:
             out.update(extras)
         return out
 
+    def _live_order(self) -> list[int]:
+        """Sample mode streams as it decodes: the candidates that become choices 0..n-1, in the
+        order `modes.spread` gives them (the same that `select` returns)."""
+        if self.mode != "sample":
+            return []
+        return spread(list(range(self.lay.total)), self.lay)[: self.lay.choices]
+
     async def stream(self):
         n = self.lay.choices
         status = "200"
@@ -386,46 +418,38 @@ class RequestContext:
         try:
             if self.chat:
                 yield self._chunk([self._delta(i, "", role=True) for i in range(n * len(self.jobs))])
+            order = self._live_order()
             for p, job in enumerate(self.jobs):
-                # live deltas in sample mode: candidate index -> choice index
-                order = [] if self.req.mode != "sample" else \
-                    [m * self.lay.samples_per_plan + s for s in range(self.lay.samples_per_plan)
-                     for m in range(self.lay.plans)][:n]
                 live = {cand: p * n + i for i, cand in enumerate(order)}
                 while True:
-                    ev = await job.events.get()
+                    ev = await self._next_event(job, None)
                     if ev[0] == "delta":
                         if ev[1] in live:
                             yield self._chunk([self._delta(live[ev[1]], ev[2])])
                         continue
-                    if ev[0] == "error":
-                        raise ev[1]
                     cands = ev[1]
                     all_cands.append(cands)
                     scored, summary = await self._select(cands)
                     for i, s in enumerate(scored):
                         idx = p * n + i
                         extras = {"plan_index": s.cand.plan_index, "score": s.score, "verified": s.verified}
-                        if self.req.mode != "sample":  # ranked modes: the chosen texts arrive whole
+                        if self.mode != "sample":  # ranked modes: the chosen texts arrive whole
                             yield self._chunk([self._delta(idx, s.cand.text)])
                         yield self._chunk([self._delta(idx, None if self.chat else "", finish=s.cand.finish_reason,
                                                        extras=extras)],
                                           **({"pass_at_k": summary} if summary and i == len(scored) - 1 else {}))
                     break
-            opts = self.req.stream_options
-            if opts is not None and opts.include_usage:
+            if self.stream_options is not None and self.stream_options.include_usage:
                 yield self._chunk([], usage=self._usage(all_cands))
             yield "data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             status = "499"
             self.cancel()
             raise
-        except BadRequest as err:
-            status = "400"
-            yield f"data: {json.dumps(error_body(str(err), 'invalid_request_error', err.param))}\n\n"
         except Exception as err:
-            status = "500"
+            failure = from_failure(err)
+            status = str(failure.status)
             self.cancel()
-            yield f"data: {json.dumps(error_body(f'generation failed: {type(err).__name__}', 'server_error'))}\n\n"
+            yield f"data: {json.dumps(failure.body())}\n\n"
         finally:
             self.observe(status)

@@ -46,6 +46,13 @@ class ServerConfig(BaseModel):
     pin_cpus: bool = Field(True, description=(
         "beside a vLLM-CPU engine, run this process on the CPUs the engine's worker leaves free, so "
         "that neither the policy nor the HTTP path takes time from the forward passes"))
+    allow_code_execution: bool = Field(False, description=(
+        "let requests verify with the `code` verifier: it runs the client's own test code (in a bubblewrap "
+        "sandbox); off, such requests get 403"))
+    request_timeout_s: float = Field(300.0, gt=0, description=(
+        "a request still unanswered after this long gets a 504 and its generation is aborted"))
+    shutdown_grace_s: float = Field(30.0, ge=0, description=(
+        "on SIGTERM: how long requests in flight may finish before they end with a 503"))
     vllm: VLLMOptions = VLLMOptions()  # engine options for --backend vllm
     log_level: str = "info"
 

@@ -18,13 +18,8 @@ from ladi_core.verifiers import VERIFIERS, Verifier, get_verifier
 
 from .config import Limits
 from .engine import Candidate
+from .errors import BadRequest
 from .protocol import LadiParams
-
-
-class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -109,12 +104,10 @@ def verify_all(cands: list[Candidate], verifier: Verifier, reference: Any) -> li
 
 def select(mode: str, cands: list[Candidate], lay: Layout, rule: str, verifier: Verifier | None,
            reference: Any) -> tuple[list[Scored], dict | None]:
-    """Pick and annotate the returned choices. Runs verifiers: call it off the event loop."""
+    """Pick and annotate the returned choices. Runs verifiers: call it off the event loop.
+    (`validate.plan_request` made sure pass_at_k has a reference and a verifier.)"""
     checked = verifier is not None and reference is not None
     if mode == "pass_at_k":
-        if reference is None or verifier is None:
-            raise BadRequest("pass_at_k needs a `reference` and a verifier (the checkpoint's task or `verifier`)",
-                             "reference")
         chosen = spread(cands, lay)[: lay.choices]
         ok = verify_all(chosen, verifier, reference)
         k, c = len(chosen), sum(ok)

@@ -2,7 +2,8 @@
 
 Unknown top-level keys are accepted (the OpenAI SDK's `extra_body` merges its keys into the top
 level). LaDi's own keys: latent_plans, samples_per_plan, denoising_steps, guidance_scale,
-diversity, mode, best_of, verifier, reference.
+diversity, mode, best_of, verifier, reference; and vLLM's min_tokens. Responses are built from
+the models at the end of this file.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class LadiParams(BaseModel):
     max_completion_tokens: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    min_tokens: int = 0  # vLLM's extension: stop tokens cannot end a text before this many tokens
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -82,29 +84,30 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class ChoiceExtras(BaseModel):
-    plan_index: int | None = None
-    score: float | None = None
-    verified: bool | None = None
-
-
 class ChatChoiceMessage(BaseModel):
     role: str = "assistant"
     content: str
 
 
-class ChatChoice(ChoiceExtras):
+class ChatChoice(BaseModel):
     index: int
     message: ChatChoiceMessage
     finish_reason: str | None
     logprobs: None = None
+    # LaDi's annotations, on every choice of both endpoints
+    plan_index: int | None = None
+    score: float | None = None
+    verified: bool | None = None
 
 
-class CompletionChoice(ChoiceExtras):
+class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
     logprobs: None = None
+    plan_index: int | None = None
+    score: float | None = None
+    verified: bool | None = None
 
 
 class PassAtK(BaseModel):
@@ -113,13 +116,35 @@ class PassAtK(BaseModel):
     pass_at: dict[str, float]  # "1".."k" -> unbiased pass@k
 
 
+class LadiInfo(BaseModel):
+    mode: Mode
+    latent_plans: int | None
+    samples_per_plan: int
+    latent_seconds: float
+    decode_seconds: float
+
+
+class CompletionResponse(BaseModel):
+    """Both endpoints' non-streamed body (`object` says which): OpenAI's fields plus `ladi` and, in
+    pass_at_k mode, `pass_at_k` (one summary per prompt, a bare summary for one prompt)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    object: Literal["chat.completion", "text_completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice] | list[CompletionChoice]
+    usage: Usage
+    ladi: LadiInfo
+    pass_at_k: PassAtK | list[PassAtK] | None = None
+
+    def body(self) -> dict:
+        return self.model_dump(exclude_none=False, exclude={"pass_at_k"} if self.pass_at_k is None else set())
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:
     return int(time.time())
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,4 +1,4 @@
-from .base import Decoded, DecoderBackend, SamplingParams, StepObserver
+from .base import BackendDead, Decoded, DecoderBackend, SamplingParams, StepObserver
 from .transformers import TransformersBackend
 
-__all__ = ["Decoded", "DecoderBackend", "SamplingParams", "StepObserver", "TransformersBackend"]
+__all__ = ["BackendDead", "Decoded", "DecoderBackend", "SamplingParams", "StepObserver", "TransformersBackend"]

@@ -21,6 +21,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = True  # False: a backend may skip them (vLLM computes them only when asked)
+    min_tokens: int = 0  # stop tokens cannot end a text before this many tokens (vLLM's min_tokens)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -29,6 +30,13 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be between 0 and max_tokens")
+
+
+class BackendDead(RuntimeError):
+    """The backend can never decode again (its engine process died): callers stop sending work and
+    a server exits so that its supervisor restarts it."""
 
 
 @dataclass
@@ -75,6 +83,10 @@ class DecoderBackend(Protocol):
 
     def input_embeddings(self) -> torch.nn.Module | None:
         """The decoder's token-embedding module when it lives in this process (shared, not copied)."""
+        ...
+
+    def dead(self) -> str | None:
+        """Why this backend can no longer decode (its engine died), or None while it can."""
         ...
 
     def generate(self, prefixes: list[torch.Tensor], n: int, params: SamplingParams | Sequence[SamplingParams],

@@ -48,6 +48,9 @@ class TransformersBackend:
     def input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
 
+    def dead(self) -> str | None:
+        return None  # the model lives in this process: it dies with it
+
     @property
     def max_model_len(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
@@ -111,6 +114,7 @@ class TransformersBackend:
         temperature = torch.tensor([p.temperature for p in params], device=dev).repeat_interleave(reps)
         top_p = torch.tensor([p.top_p for p in params], device=dev).repeat_interleave(reps)
         limit = torch.tensor([p.max_tokens for p in params], device=dev).repeat_interleave(reps)
+        min_tokens = torch.tensor([p.min_tokens for p in params], device=dev).repeat_interleave(reps)
         # consecutive prefixes with the same generator draw together (rows are prefix-major)
         groups: list[tuple[slice, torch.Generator | None]] = []
         for i, p in enumerate(params):
@@ -128,6 +132,11 @@ class TransformersBackend:
         aborted = torch.zeros(rows, dtype=torch.bool, device=dev)
         done = torch.zeros(rows, dtype=torch.bool, device=dev)
         for step in range(max_steps):
+            early = min_tokens > step  # rows whose stop tokens are masked until min_tokens
+            if bool(early.any()):
+                logits = logits.clone()
+                logits[early[:, None] & torch.isin(torch.arange(logits.shape[-1], device=dev), self.stop_ids)] = \
+                    float("-inf")
             tok = sample_next(logits, temperature, top_p, groups)
             lp = torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
             hit = torch.isin(tok, self.stop_ids) & ~done

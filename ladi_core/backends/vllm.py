@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from ..decoder import stop_token_ids
-from .base import Decoded, SamplingParams, StepObserver, apply_stop, per_prefix_requests
+from .base import BackendDead, Decoded, SamplingParams, StepObserver, apply_stop, per_prefix_requests
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class VLLMOptions:
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
-    cpu_kvcache_space_gib: int | None = None  # CPU builds: VLLM_CPU_KVCACHE_SPACE
+    # CPU builds: VLLM_CPU_KVCACHE_SPACE in GiB; None: sized from the model (cpu_kv_cache_gib)
+    cpu_kvcache_space_gib: int | None = None
     enforce_eager: bool = True
     max_num_seqs: int | None = None  # the engine's running-sequence cap (its default when None)
     # None: off on CPU, vLLM's default elsewhere. vLLM-CPU 0.32 kills the engine when a seeded
@@ -51,6 +52,52 @@ class VLLMOptions:
     block_size: int | None = None
     # CPU builds: pin the engine-core process beside its worker (see VLLMBackend._pin_engine_core)
     pin_engine_core: bool = True
+
+
+# vLLM-CPU's own running-sequence cap when none is given (the KV estimate below assumes it)
+_CPU_DEFAULT_MAX_NUM_SEQS = 256
+
+
+def cpu_kv_cache_gib(decoder_dir: str | Path, opts: VLLMOptions) -> tuple[int, str]:
+    """The KV cache a CPU engine needs, in whole GiB (what VLLM_CPU_KVCACHE_SPACE takes), and how it
+    was reckoned: every running sequence at the longest context, in the engine's dtype, at least
+    1 GiB and at most a quarter of the machine's memory.
+
+    Without it vLLM-CPU asks for a share of the node's *free* memory at start-up, and refuses to
+    start wherever the page cache holds the rest (measured right after `make test`)."""
+    import json
+    import math
+
+    cfg = json.loads((Path(decoder_dir) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    layers = cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    dtype = (cfg.get("dtype") or cfg.get("torch_dtype") or "float32") if opts.dtype == "auto" else opts.dtype
+    width = 4 if "32" in str(dtype) or dtype == "float" else 2
+    context = opts.max_model_len or cfg.get("max_position_embeddings", 4096)
+    seqs = opts.max_num_seqs or _CPU_DEFAULT_MAX_NUM_SEQS
+    per_token = 2 * layers * kv_heads * head_dim * width
+    need = per_token * context * seqs
+    ceiling = max(1, (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // (4 * 2**30))
+    gib = min(max(1, math.ceil(need / 2**30)), ceiling)
+    how = (f"{per_token} B/token x {context} tokens x {seqs} sequences = {need / 2**30:.2f} GiB "
+           f"-> {gib} GiB (1 GiB to {ceiling} GiB)")
+    return gib, how
+
+
+def resolve_options(decoder_dir: str | Path, opts: VLLMOptions) -> tuple[VLLMOptions, str | None]:
+    """Options with what the platform leaves open filled in (the CPU KV cache size), and a line
+    saying how, for the run's printed configuration (None when nothing was filled)."""
+    import dataclasses
+
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or opts.cpu_kvcache_space_gib is not None:
+        return opts, None
+    gib, how = cpu_kv_cache_gib(decoder_dir, opts)
+    return dataclasses.replace(opts, cpu_kvcache_space_gib=gib), f"vLLM CPU KV cache: {how}"
 
 
 def _bool(text: str) -> bool:
@@ -152,7 +199,9 @@ class VLLMBackend:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        opts = options or VLLMOptions()
+        opts, how = resolve_options(decoder_dir, options or VLLMOptions())
+        if how:
+            print(how, flush=True)
         if opts.cpu_kvcache_space_gib is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(opts.cpu_kvcache_space_gib)
         self.tokenizer = tokenizer
@@ -210,6 +259,13 @@ class VLLMBackend:
     def input_embeddings(self) -> torch.nn.Module:
         return self._embed
 
+    def dead(self) -> str | None:
+        """vLLM's engine core runs in a process of its own; once it is gone every request fails."""
+        engine = self.engine
+        if engine is not None and engine.errored:
+            return "the vLLM engine core process died"
+        return None
+
     @property
     def max_model_len(self) -> int:
         return self.engine.model_config.max_model_len
@@ -264,6 +320,7 @@ class VLLMBackend:
             observer = None
         kind = RequestOutputKind.FINAL_ONLY if observer is None else RequestOutputKind.DELTA
         sp = VSamplingParams(n=n, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=seed,
+                             min_tokens=p.min_tokens,
                              logprobs=0 if p.logprobs else None, stop_token_ids=self.stop_ids,
                              detokenize=False, output_kind=kind)  # texts: one decode at the end, below
         rid = f"ladi-{next(self._ids)}"
@@ -271,6 +328,20 @@ class VLLMBackend:
         lps: list[list[float]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         aborted = [False] * n
+        dead = self.dead()
+        if dead is not None:
+            raise BackendDead(dead)
+        try:
+            await self._collect(prefix, sp, rid, ids, lps, finish, aborted, observer, row_offset)
+        except Exception as err:  # vLLM's EngineDeadError and whatever a dying engine raises first
+            dead = self.dead()
+            if dead is not None:
+                raise BackendDead(dead) from err
+            raise
+        return self._results(n, ids, lps, finish, aborted, p)
+
+    async def _collect(self, prefix, sp, rid, ids, lps, finish, aborted, observer, row_offset) -> None:
+        """One engine request's outputs, gathered into ids / lps / finish / aborted (one list per text)."""
         async for out in self.engine.generate({"prompt_embeds": prefix.detach().cpu()}, sp, rid):
             for c in out.outputs:
                 j = c.index
@@ -288,6 +359,8 @@ class VLLMBackend:
             if all(aborted):
                 await self.engine.abort(rid)
                 break
+
+    def _results(self, n, ids, lps, finish, aborted, p: SamplingParams) -> list[Decoded]:
         results = []
         for j in range(n):
             if not ids[j] and finish[j] is None:

@@ -1,4 +1,5 @@
-"""The verifier interface: every task's judge returns a reward in [0, 1] and never raises."""
+"""The verifier interface: every task's judge returns a reward in [0, 1] and never raises on bad
+text or references (the code judge raises `SandboxUnavailable` where it has no sandbox to run in)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

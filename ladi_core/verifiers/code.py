@@ -1,41 +1,17 @@
-"""Code judge: run a completion against unit tests (HumanEval format) in a throw-away sandbox.
-
-The sandbox is a child Python in a temporary directory, in its own process group (so whatever it
-forks is killed with it), under CPU, memory and file-size limits, with the network cut: in a fresh
-network namespace when `unshare` is allowed, and always by disabling sockets inside the child.
+"""Code judge: run a completion against unit tests (HumanEval format) in the bubblewrap sandbox
+(`sandbox.py`): namespaces of its own, a read-only root with only the interpreter in it, an
+unprivileged uid, rlimits, and the whole sandbox killed on timeout. No sandbox, no verdict:
+`SandboxUnavailable` is raised rather than running anything unconfined.
 """
 from __future__ import annotations
 
-import functools
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 from typing import Any
 
 from .base import ZERO, Reward
+from .sandbox import RunResult, SandboxLimits, run_python
 
 _FENCE = re.compile(r"```(?:python|py)?\n(.*?)```", re.S)
-
-_PRELUDE = """\
-import socket as _s
-def _no_net(*a, **k):
-    raise OSError("network access is disabled in the sandbox")
-_s.socket = _no_net; _s.create_connection = _no_net; _s.socketpair = _no_net
-del _s, _no_net
-"""
-
-
-@functools.cache
-def _unshare_prefix() -> tuple[str, ...]:
-    """`unshare -n` (a namespace with no interfaces) where this machine allows it."""
-    try:
-        ok = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=5).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        ok = False
-    return ("unshare", "-n") if ok else ()
 
 
 def extract_code(text: str) -> str:
@@ -49,11 +25,13 @@ def build_program(completion: str, reference: dict) -> str:
     entry = reference["entry_point"]
     if not re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.M):
         code = reference.get("prompt", "") + code
-    return f"{_PRELUDE}\n{code}\n\n{reference['test']}\n\ncheck({entry})\n"
+    return f"{code}\n\n{reference['test']}\n\ncheck({entry})\n"
 
 
 class CodeVerifier:
-    """reference = {"test": str, "entry_point": str, "prompt"?: str}: a HumanEval problem."""
+    """reference = {"test": str, "entry_point": str, "prompt"?: str}: a HumanEval problem.
+
+    The one verifier that may raise: `SandboxUnavailable` where no sandbox can be built."""
 
     name = "code"
 
@@ -64,43 +42,11 @@ class CodeVerifier:
     def extract_answer(self, text: str) -> str | None:
         return extract_code(text).strip() if isinstance(text, str) and text.strip() else None
 
-    def _limits(self) -> None:  # runs in the child before exec
-        import resource
+    def limits(self) -> SandboxLimits:
+        return SandboxLimits(timeout_s=self.timeout_s, memory_mb=self.memory_mb)
 
-        mem = self.memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        cpu = int(self.timeout_s) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 2**20, 16 * 2**20))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    def run(self, program: str) -> tuple[bool, str]:
-        with tempfile.TemporaryDirectory(prefix="ladi-code-") as tmp:
-            path = os.path.join(tmp, "program.py")
-            with open(path, "w") as f:
-                f.write(program)
-            cmd = [*_unshare_prefix(), sys.executable, "-I", "-B", path]
-            env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "PYTHONHASHSEED": "0"}
-            # Output goes to a file, not a pipe: a forked child holding a pipe open must not
-            # keep us waiting past the program's own exit.
-            with open(os.path.join(tmp, "stderr"), "w+b") as err:
-                proc = subprocess.Popen(
-                    cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                    start_new_session=True, preexec_fn=self._limits,
-                )
-                try:
-                    code = proc.wait(timeout=self.timeout_s)
-                    err.seek(max(0, os.path.getsize(err.name) - 300))
-                    status = "ok" if code == 0 else f"exit {code}: {err.read().decode(errors='replace')}"
-                except subprocess.TimeoutExpired:
-                    status = "timeout"
-                finally:
-                    try:  # the whole group: children the program forked die with it
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-                    proc.wait()
-        return status == "ok", status
+    def run(self, program: str) -> RunResult:
+        return run_python(program, self.limits())
 
     def score(self, text: str, reference: Any) -> Reward:
         if not isinstance(text, str) or not text.strip():
@@ -113,5 +59,5 @@ class CodeVerifier:
             compile(program, "<completion>", "exec")
         except (SyntaxError, ValueError) as err:
             return Reward(0.0, 0.0, None, f"syntax: {err}")
-        ok, status = self.run(program)
-        return Reward(1.0 if ok else 0.0, 1.0, self.extract_answer(text), status)
+        result = self.run(program)  # SandboxUnavailable propagates: no sandbox, no verdict
+        return Reward(1.0 if result.ok else 0.0, 1.0, self.extract_answer(text), result.status)

@@ -1,0 +1,108 @@
+"""One validation step: a parsed request becomes a typed plan of work, or an APIError.
+
+Everything a request can get wrong is checked here, once, before anything reaches the engine:
+sampling ranges, the plan/text layout (`modes.layout`), the verifier and whether it may run,
+prompt length against the model's context, and the LaDi knobs that only a latent policy has.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ladi_core.backends import SamplingParams
+from ladi_core.generation import Reasoner
+from ladi_core.verifiers import Verifier
+from ladi_core.verifiers.code import CodeVerifier
+
+from .config import ServerConfig
+from .errors import APIError, BadRequest
+from .modes import Layout, layout, resolve_verifier
+from .protocol import ChatCompletionRequest, LadiParams
+
+
+@dataclass(frozen=True)
+class WorkPlan:
+    """What the engine is asked to do for one request, and how its answer is chosen."""
+
+    params: SamplingParams
+    overrides: dict  # latent sampler settings: steps / guidance / diversity
+    layout: Layout
+    rule: str  # best_of_n ranking: auto / verifier / majority / likelihood
+    verifier: Verifier | None
+    reference: Any
+    prompts: list[list[int]]  # one token-id list per prompt
+
+
+def plan_request(cfg: ServerConfig, reasoner: Reasoner, req: LadiParams, model_name: str) -> WorkPlan:
+    if req.model not in (None, model_name):
+        raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
+                       "not_found_error", "model", "model_not_found")
+    params, overrides = _sampling(cfg, req)
+    lay = layout(req, reasoner.is_latent, cfg.limits)
+    rule, verifier = resolve_verifier(req.verifier, reasoner.checkpoint.config.task)
+    if req.mode == "pass_at_k" and (req.reference is None or verifier is None):
+        raise BadRequest("pass_at_k needs a `reference` and a verifier (the checkpoint's task or `verifier`)",
+                         "reference")
+    if isinstance(verifier, CodeVerifier) and req.reference is not None and not cfg.allow_code_execution:
+        raise APIError(403, "code verification runs the client's own test code on this server, which is off "
+                            "here; the operator can turn it on with --allow-code-execution (it then runs in a "
+                            "bubblewrap sandbox)", "permission_error", "verifier", "code_execution_disabled")
+    prompts = [_prompt_ids(cfg, reasoner, t, params.max_tokens) for t in _prompt_texts(reasoner, req)]
+    return WorkPlan(params, overrides, lay, rule, verifier, req.reference, prompts)
+
+
+def _sampling(cfg: ServerConfig, req: LadiParams) -> tuple[SamplingParams, dict]:
+    lim = cfg.limits
+    if not 0.0 <= req.temperature <= 2.0:
+        raise BadRequest("temperature must be between 0 and 2", "temperature")
+    if not 0.0 < req.top_p <= 1.0:
+        raise BadRequest("top_p must be in (0, 1]", "top_p")
+    max_tokens = req.max_completion_tokens or req.max_tokens or min(cfg.default_max_tokens, lim.max_tokens)
+    if not 1 <= max_tokens <= lim.max_tokens:
+        raise BadRequest(f"max_tokens must be between 1 and {lim.max_tokens}, got {max_tokens}", "max_tokens")
+    if not 0 <= req.min_tokens <= max_tokens:
+        raise BadRequest(f"min_tokens must be between 0 and max_tokens ({max_tokens})", "min_tokens")
+    if req.seed is not None and not 0 <= req.seed < 2**63:
+        raise BadRequest("seed must be in [0, 2^63)", "seed")
+    stop = req.stop_list()
+    if len(stop) > lim.max_stop_strings or any(not s or len(s) > 64 for s in stop):
+        raise BadRequest(f"stop: at most {lim.max_stop_strings} non-empty strings of up to 64 characters", "stop")
+    if req.denoising_steps is not None and not 1 <= req.denoising_steps <= lim.max_denoising_steps:
+        raise BadRequest(f"denoising_steps must be between 1 and {lim.max_denoising_steps}", "denoising_steps")
+    if req.guidance_scale is not None and not 0.0 <= req.guidance_scale <= 20.0:
+        raise BadRequest("guidance_scale must be between 0 and 20", "guidance_scale")
+    if req.diversity is not None and not 0.0 <= req.diversity <= 10.0:
+        raise BadRequest("diversity must be between 0 and 10", "diversity")
+    steps = req.denoising_steps or cfg.denoising_steps
+    overrides = {k: v for k, v in (("steps", steps), ("guidance", req.guidance_scale),
+                                   ("diversity", req.diversity)) if v is not None}
+    # token log-probs only where they rank candidates: computing them costs vLLM ~20% throughput
+    params = SamplingParams(req.temperature, req.top_p, max_tokens, req.seed, tuple(stop),
+                            logprobs=req.mode == "best_of_n", min_tokens=req.min_tokens)
+    return params, overrides
+
+
+def _prompt_texts(reasoner: Reasoner, req: LadiParams) -> list[str]:
+    if isinstance(req, ChatCompletionRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        return [reasoner.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)]
+    texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise BadRequest("prompt must be a string or a non-empty list of strings", "prompt")
+    return texts
+
+
+def _prompt_ids(cfg: ServerConfig, reasoner: Reasoner, text: str, max_tokens: int) -> list[int]:
+    ids = reasoner.tokenizer(text, add_special_tokens=False).input_ids
+    lim = cfg.limits.max_prompt_tokens
+    if len(ids) > lim:
+        raise BadRequest(f"the prompt has {len(ids)} tokens; the limit is {lim}", "messages")
+    if not ids:
+        raise BadRequest("the prompt is empty", "prompt")
+    context = reasoner.backend.max_model_len
+    if context is not None:
+        plan = reasoner.checkpoint.codec.cfg.latent_tokens + 2 if reasoner.is_latent else 0
+        if len(ids) + plan + max_tokens > context:
+            raise BadRequest(f"prompt ({len(ids)} tokens) + plan ({plan}) + max_tokens ({max_tokens}) exceeds "
+                             f"the model's context of {context}", "max_tokens")
+    return ids
