@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CHECKPOINT ?= checkpoints/demo-ladi-rl
 
-.PHONY: venv serve test prometheus demo-sft demo-eval demo-rl demo-compare bench-backends clean
+.PHONY: venv sandbox serve test prometheus soak demo-sft demo-eval demo-rl demo-compare bench-backends clean
 
 venv: $(STAMP)
 
@@ -20,14 +20,20 @@ $(STAMP): pyproject.toml
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
+# Code verification (training on code tasks; `--allow-code-execution` when serving) runs programs
+# in a bubblewrap sandbox and refuses to run them without one (Debian's package `bubblewrap`).
+sandbox:
+	@command -v bwrap >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap; }
+
 serve: $(STAMP)
+	-@$(MAKE) -s sandbox
 	$(BIN)/python -m server --checkpoint $(CHECKPOINT) $(ARGS)
 
 # The dashboard test scrapes a live server with a real Prometheus (Debian's package).
 prometheus:
 	@command -v prometheus >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; }
 
-test: $(STAMP) prometheus
+test: $(STAMP) prometheus sandbox
 	$(BIN)/python -m pytest -q
 
 demo-sft: $(STAMP)
@@ -57,6 +63,10 @@ demo-compare: $(STAMP)
 # LaDi on vLLM vs LaDi on transformers vs plain vLLM serving the same decoder (figures, not a test).
 bench-backends: $(STAMP)
 	$(BIN)/python -m benchmarks.backends --checkpoint $(CHECKPOINT) --repeats 3 --out results/bench-backends/cpu.json
+
+# 32 clients of mixed modes against the server for 10 minutes: zero 5xx, nothing lost, flat memory.
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak --checkpoint $(CHECKPOINT) --out results/soak/soak.json
 
 clean:
 	rm -rf $(VENV)

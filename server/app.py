@@ -127,6 +127,13 @@ class Server:
         for ctx in list(self.inflight):
             ctx.fail(err)
 
+    def failure(self, err: BaseException) -> APIError:
+        """The error a failed request answers with; a request that found the backend dead marks the
+        whole server dead at once (before /health could next be asked), not at the next poll."""
+        if isinstance(err, BackendDead):
+            self.backend_died(str(err))
+        return from_failure(err)
+
     def backend_died(self, reason: str) -> None:
         if self.dead is not None:
             return
@@ -271,7 +278,7 @@ def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "trans
             ctx.observe("499")
             return Response(status_code=499)
         except Exception as err:
-            failure = from_failure(err)
+            failure = srv.failure(err)
             ctx.observe(str(failure.status))
             return _error(failure)
         ctx.observe("200")
@@ -447,7 +454,7 @@ class RequestContext:
             self.cancel()
             raise
         except Exception as err:
-            failure = from_failure(err)
+            failure = self.srv.failure(err)
             status = str(failure.status)
             self.cancel()
             yield f"data: {json.dumps(failure.body())}\n\n"

@@ -3,7 +3,10 @@ with the default backend (`auto`: vLLM, which `make venv` installs), answering t
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
@@ -15,17 +18,25 @@ from benchmarks.servers import free_port, start, stop
 pytestmark = pytest.mark.slow
 
 
+def clean_env() -> dict[str, str]:
+    """Our environment without anything that sizes vLLM's KV cache (an engine built earlier in this
+    process set VLLM_CPU_KVCACHE_SPACE): the server must size it itself."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+
+
 def test_python_m_server_answers_on_the_default_backend(latent_ckpt, tmp_path):
+    """No KV-cache flag and no KV variable: the server sizes the CPU cache from the model and says so."""
     port = free_port()
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
         try:
             proc, url = start([sys.executable, "-m", "server", "--checkpoint", str(latent_ckpt), "--port", str(port),
-                               "--vllm-cpu-kvcache-space-gib", "1", "--log-level", "warning"], port, timeout=240,
-                              log=log)
+                               "--log-level", "warning"], port, timeout=240, log=log, env=clean_env())
         except RuntimeError as err:
             raise AssertionError(f"{err}\n{log_path.read_text()[-3000:]}") from None
         try:
+            printed = log_path.read_text()
+            assert "vLLM CPU KV cache:" in printed and '"cpu_kvcache_space_gib": 1' in printed, printed[-2000:]
             assert httpx.get(url + "/version").json()["backend"] == "vllm"
             client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
             r = client.chat.completions.create(model=client.models.list().data[0].id, n=3, max_tokens=24, seed=0,
@@ -54,3 +65,115 @@ def _assert_kept_off_the_worker_cpus(server: psutil.Process, engine_procs: list[
     for p, cpus in expected:
         for t in p.threads():
             assert os.sched_getaffinity(t.id) <= cpus, (p.name(), t.id, os.sched_getaffinity(t.id), cpus)
+
+
+def test_a_dead_engine_makes_health_503_fails_requests_at_once_and_ends_the_server(latent_ckpt, tmp_path):
+    """kill -9 of vLLM's engine core while requests are in flight: each in-flight request gets a
+    clear 503, /health answers 503, new requests a 503 at once, and the server exits non-zero."""
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        try:
+            proc, url = start([sys.executable, "-m", "server", "--checkpoint", str(latent_ckpt), "--port", str(port),
+                               "--log-level", "warning"], port, timeout=240, log=log, env=clean_env())
+        except RuntimeError as err:
+            raise AssertionError(f"{err}\n{log_path.read_text()[-3000:]}") from None
+        try:
+            core = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if p.name().startswith("VLLM::EngineCor")]
+            assert len(core) == 1
+            body = {"messages": [{"role": "user", "content": "Make 23 from 3 4 5 2."}], "n": 8, "max_tokens": 256,
+                    "min_tokens": 256}
+
+            def ask(stream: bool = False):
+                with httpx.Client(timeout=60) as c:
+                    if not stream:
+                        return c.post(url + "/v1/chat/completions", json=body)
+                    with c.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+                        return [line for line in r.iter_lines() if line]
+
+            with ThreadPoolExecutor(4) as pool:
+                inflight = [pool.submit(ask, i == 3) for i in range(4)]
+                deadline = time.time() + 30
+                while metric(url, "ladi:num_requests_running") < 1 and time.time() < deadline:
+                    time.sleep(0.05)
+                core[0].kill()  # a process this test's server started
+                t_kill = time.time()
+                results = [f.result(timeout=60) for f in inflight]
+            for r in results[:3]:
+                assert r.status_code == 503 and r.json()["error"]["code"] == "backend_dead", r.text
+            assert '"backend_dead"' in results[3][-1], results[3][-3:]  # the stream ends with the error
+            assert time.time() - t_kill < 15
+            health = httpx.get(url + "/health", timeout=5)
+            assert health.status_code == 503 and health.json()["status"] == "dead", health.text
+            t0 = time.time()
+            late = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+            assert late.status_code == 503 and time.time() - t0 < 5, late.text
+        except httpx.ConnectError:
+            pass  # the server already exited: its exit status is checked below
+        finally:
+            try:
+                code = proc.wait(timeout=30)
+            except Exception:
+                stop(proc)
+                raise
+    assert code != 0, log_path.read_text()[-2000:]
+    assert "backend" in log_path.read_text()
+
+
+def metric(url: str, name: str) -> float:
+    """The sum of a metric's samples over all its labels."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(url + "/metrics", timeout=5).text.splitlines()
+               if line.startswith((name + " ", name + "{")))
+
+
+def test_sigterm_under_load_answers_every_accepted_request(latent_ckpt, tmp_path):
+    """SIGTERM while streaming and plain requests decode: the server stops taking work, lets those in
+    flight finish for its grace period, then ends the rest with a clear 503: none is cut silently."""
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        proc, url = start([sys.executable, "-m", "server", "--checkpoint", str(latent_ckpt), "--port", str(port),
+                           "--backend", "transformers", "--shutdown-grace-s", "3", "--log-level", "warning"],
+                          port, timeout=120, log=log)
+        short = {"messages": [{"role": "user", "content": "Make 23 from 3 4 5 2."}], "n": 2, "max_tokens": 8}
+        long = {**short, "n": 16, "max_tokens": 256, "min_tokens": 256}
+
+        def ask(body: dict, stream: bool):
+            with httpx.Client(timeout=60) as c:
+                if not stream:
+                    r = c.post(url + "/v1/chat/completions", json=body)
+                    return "plain", r.status_code, r.json()
+                with c.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+                    return "stream", r.status_code, [line for line in r.iter_lines() if line]
+
+        with ThreadPoolExecutor(12) as pool:
+            jobs = [pool.submit(ask, long if i % 2 else short, i % 3 == 0) for i in range(12)]
+            # SIGTERM once the server has accepted all 12 (finished, decoding or queued): a request
+            # sent after it would meet a closed port, which is a refusal, not this test's subject
+            deadline = time.time() + 60
+            while time.time() < deadline and sum(metric(url, m) for m in (
+                    "ladi:requests_total", "ladi:num_requests_running", "ladi:num_requests_waiting")) < 12:
+                time.sleep(0.02)
+            assert metric(url, "ladi:num_requests_running") >= 1
+            proc.send_signal(signal.SIGTERM)
+            results = [f.result(timeout=60) for f in jobs]
+        # uvicorn ends a drained server by re-raising the SIGTERM it caught: the usual "stopped" status
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finished = errored = 0
+    for kind, status, body in results:
+        if kind == "plain":
+            if status == 200:
+                assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"]), body
+                finished += 1
+            else:
+                assert status == 503 and body["error"]["code"] == "shutting_down", body
+                errored += 1
+        elif body[-1] == "data: [DONE]":
+            finished += 1
+        else:  # ended by an error event, or refused at once (sent after the SIGTERM)
+            assert status in (200, 503) and '"shutting_down"' in body[-1], body[-3:]
+            errored += 1
+    assert finished + errored == len(results)
+    assert errored >= 1, "the long requests should outlast a 3 s grace period"
+    assert finished >= 1, results

@@ -201,31 +201,61 @@ def test_concurrent_requests_are_batched(live, client):
 
 
 def test_a_short_request_overtakes_a_long_one_only_with_continuous_batching(reasoner, backend):
-    """vLLM: a request arriving while a long batch decodes joins the engine's running batch and
-    finishes first. transformers: one batch decodes at a time, so it waits for the long one."""
+    """vLLM: a request arriving while a long batch decodes joins the engine's running batch and is
+    answered first. transformers: one batch decodes at a time, so it is answered after the long one.
+
+    No race between two clocks: the long texts cannot end early (min_tokens = max_tokens = 400),
+    the short request is sent only once the server reports the long one decoding, and the order is
+    read from the requests themselves (was the long one answered when the short one was?)."""
     async def race(url):
         ac = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        done = {}
 
-        async def one(name, n, max_tokens, delay):
-            await asyncio.sleep(delay)
-            # temperature 2: near-uniform tokens, so the long texts rarely stop before max_tokens
-            await ac.chat.completions.create(model="ladi-demo", messages=[{"role": "user", "content": Q}], n=n,
-                                             max_tokens=max_tokens, temperature=2.0, seed=1)
-            done[name] = time.monotonic()
+        def ask(n, max_tokens):
+            return ac.chat.completions.create(model="ladi-demo", messages=[{"role": "user", "content": Q}], n=n,
+                                              max_tokens=max_tokens, seed=1,
+                                              extra_body={"min_tokens": max_tokens})
 
-        t0 = time.monotonic()
-        await asyncio.gather(one("long", 8, 400, 0.0), one("short", 1, 2, 0.15))
-        return {k: round(v - t0, 3) for k, v in done.items()}
+        long = asyncio.create_task(ask(8, 400))
+        async with httpx.AsyncClient() as http:
+            for _ in range(600):
+                if long.done() or await running(http, url) >= 1:
+                    break
+                await asyncio.sleep(0.02)
+        assert not long.done(), "the long request ended before the short one was sent"
+        short = await ask(1, 2)
+        long_answered_first = long.done()
+        answer = await long
+        assert all(len(c.message.content) > 0 and c.finish_reason == "length" for c in answer.choices)
+        assert short.choices[0].finish_reason == "length"
+        return long_answered_first
 
-    # 400 tokens: the long decode must outlast the short request's whole path however quick the
-    # engine (8 x 64 tokens took 0.24 s on an idle vLLM engine, a dead heat with the short one)
     with start(reasoner, served_model_name="ladi-demo", limits=LIMITS.model_copy(update={"max_tokens": 400})) as live:
-        done = asyncio.run(race(live.url))
-    if backend == "vllm":
-        assert done["short"] < done["long"], done
-    else:
-        assert done["short"] >= done["long"], done
+        long_answered_first = asyncio.run(race(live.url))
+    assert long_answered_first is (backend != "vllm")
+
+
+def test_a_request_past_its_deadline_gets_504_and_its_rows_are_aborted(reasoner):
+    """--request-timeout-s: the client hears a clear 504 and the engine stops decoding its rows."""
+    limits = LIMITS.model_copy(update={"max_tokens": 400})
+    with start(reasoner, served_model_name="ladi-demo", limits=limits, request_timeout_s=0.5) as live:
+        client = OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(client, n=8, max_tokens=400, extra_body={"min_tokens": 400})
+        assert err.value.status_code == 504 and err.value.body["code"] == "request_timeout", err.value.body
+        deadline = time.time() + 60
+        while metric(live.url, "ladi:num_requests_running") > 0 and time.time() < deadline:
+            time.sleep(0.1)
+        assert metric(live.url, "ladi:num_requests_running") == 0  # aborted, not decoded to the end
+        assert metric(live.url, "ladi:requests_total", status="504") == 1
+        assert ask(client, n=1, max_tokens=2).choices  # and it keeps serving
+
+
+async def running(http: httpx.AsyncClient, url: str) -> float:
+    """The server's ladi:num_requests_running gauge: requests whose batch is decoding."""
+    for line in (await http.get(url + "/metrics")).text.splitlines():
+        if line.startswith("ladi:num_requests_running "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_seeded_result_does_not_depend_on_company(live, client):
@@ -301,7 +331,8 @@ def test_unknown_route_and_method(live):
 
 def test_client_disconnecting_mid_stream_stops_its_generation(live, client):
     gone_before = metric(live.url, "ladi:requests_total", status="499")
-    body = {"messages": [{"role": "user", "content": Q}], "n": 8, "max_tokens": 64, "stream": True,
+    # min_tokens: the texts cannot all end before the client leaves (that would be a 200, not a 499)
+    body = {"messages": [{"role": "user", "content": Q}], "n": 8, "max_tokens": 64, "min_tokens": 64, "stream": True,
             "extra_body_ignored": 1}
     with httpx.Client(timeout=30) as h, h.stream("POST", live.url + "/v1/chat/completions", json=body) as r:
         lines = r.iter_lines()

@@ -55,7 +55,7 @@ def test_countdown_adversarial_inputs_score_zero_without_raising(text):
     t0 = time.time()
     r = countdown.score(text, REF)
     assert r.correct == 0.0
-    assert time.time() - t0 < 1.0
+    assert time.time() - t0 < 5.0  # a bound on pathological parsing (a 1 MB text), not a race
 
 
 def test_countdown_subset_rule():
