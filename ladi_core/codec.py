@@ -111,6 +111,21 @@ class LatentCodec(nn.Module):
         return self.adapter(self.denormalize(z_normalized))
 
 
+def plan_positions(cfg: CodecConfig | None) -> int:
+    """How many decoder positions a plan takes: bot, L latents, eot (0 without a codec)."""
+    return 0 if cfg is None else cfg.latent_tokens + 2
+
+
+def with_plans(prompt_embeds: list[torch.Tensor], plan_embeds: torch.Tensor | None) -> list[torch.Tensor]:
+    """`[prompt; bot; adapter(z); eot]` per row from embedded prompts and `LatentCodec.plan_embeds`
+    rows (aligned one to one); the prompts alone without plans. Gradients flow through both."""
+    if plan_embeds is None:
+        return list(prompt_embeds)
+    if plan_embeds.shape[0] != len(prompt_embeds):
+        raise ValueError(f"{plan_embeds.shape[0]} plans for {len(prompt_embeds)} prompts")
+    return [torch.cat([e, p.to(e.dtype)], dim=0) for e, p in zip(prompt_embeds, plan_embeds)]
+
+
 def build_inputs_embeds(embed_tokens: nn.Module, prompt_ids: list[list[int]],
                         plans: torch.Tensor | None = None) -> list[torch.Tensor]:
     """THE prefix of every decode, in training and in serving, for every backend:
@@ -119,13 +134,6 @@ def build_inputs_embeds(embed_tokens: nn.Module, prompt_ids: list[list[int]],
     prompt_ids: B token-id lists; plans: [B, L + 2, hidden] from `LatentCodec.plan_embeds`, or None.
     Returns B tensors [T_b, hidden] (unpadded: the transformers backend pads, vLLM takes them as is).
     """
-    if plans is not None and plans.shape[0] != len(prompt_ids):
-        raise ValueError(f"{plans.shape[0]} plans for {len(prompt_ids)} prompts")
     weight = embed_tokens.weight
-    out = []
-    for b, ids in enumerate(prompt_ids):
-        e = embed_tokens(torch.as_tensor(ids, dtype=torch.long, device=weight.device))
-        if plans is not None:
-            e = torch.cat([e, plans[b].to(e.dtype)], dim=0)
-        out.append(e)
-    return out
+    embedded = [embed_tokens(torch.as_tensor(ids, dtype=torch.long, device=weight.device)) for ids in prompt_ids]
+    return with_plans(embedded, plans)

@@ -13,7 +13,7 @@ import torch
 
 from .backends import Decoded, DecoderBackend, SamplingParams, StepObserver, TransformersBackend
 from .checkpoint import Checkpoint, load_checkpoint
-from .codec import build_inputs_embeds
+from .codec import build_inputs_embeds, plan_positions, with_plans
 from .decoder import chat_prompt, load_decoder
 from .policies import PlanSample
 
@@ -105,10 +105,12 @@ class Reasoner:
 
     def prefixes(self, prompt_embeds: list[torch.Tensor], plans: torch.Tensor | None) -> list[torch.Tensor]:
         """The decoder's input per row: the prompt, then the plan's [bot; adapter(z); eot] when there is one."""
-        if plans is None:
-            return prompt_embeds
-        plan_embeds = self.checkpoint.codec.plan_embeds(plans)
-        return [torch.cat([e, p.to(e.dtype)]) for e, p in zip(prompt_embeds, plan_embeds)]
+        return with_plans(prompt_embeds, None if plans is None else self.checkpoint.codec.plan_embeds(plans))
+
+    @property
+    def plan_positions(self) -> int:
+        """Decoder positions a plan adds to every prefix (0 for a token-level checkpoint)."""
+        return plan_positions(self.checkpoint.codec.cfg if self.is_latent else None)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], plans: int = 1, samples_per_plan: int = 1,

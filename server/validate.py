@@ -101,7 +101,7 @@ def _prompt_ids(cfg: ServerConfig, reasoner: Reasoner, text: str, max_tokens: in
         raise BadRequest("the prompt is empty", "prompt")
     context = reasoner.backend.max_model_len
     if context is not None:
-        plan = reasoner.checkpoint.codec.cfg.latent_tokens + 2 if reasoner.is_latent else 0
+        plan = reasoner.plan_positions
         if len(ids) + plan + max_tokens > context:
             raise BadRequest(f"prompt ({len(ids)} tokens) + plan ({plan}) + max_tokens ({max_tokens}) exceeds "
                              f"the model's context of {context}", "max_tokens")

@@ -28,3 +28,35 @@ def test_eval_cli_writes_table_json_and_plot(latent_ckpt, token_ckpt, tmp_path):
 def test_eval_rejects_bad_k(latent_ckpt, tmp_path):
     with pytest.raises(SystemExit):
         ev.main(["--checkpoint", str(latent_ckpt), "--k", "0,1", "--out", str(tmp_path), "--problems", "2"])
+
+
+def test_plan_diagnostics_decode_from_posterior_prior_and_noise(latent_reasoner):
+    """ceiling@1 / prior@1 / noise@1 on the smoke checkpoint: each decodes from its own kind of plan
+    (the reference's posterior mean, the prior's samples, N(0, I) noise) and scores what it decoded."""
+    import torch
+
+    from ladi_core.backends import SamplingParams
+    from ladi_core.tasks import get_task
+
+    task = get_task("countdown")
+    qs = task.questions("test", 6, seed=0)
+    seen, real_decode = [], latent_reasoner.decode
+
+    def spy(prompts, plans, n, params, observer=None):
+        out = real_decode(prompts, plans, n, params, observer)
+        seen.append((plans.clone(), out))
+        return out
+
+    latent_reasoner.decode = spy
+    try:
+        d = ev.plan_diagnostics(latent_reasoner, qs, task.verifier, SamplingParams(1.0, 1.0, 48, seed=3), samples=2)
+    finally:
+        del latent_reasoner.decode
+    _, _, post = ev.reference_posteriors(latent_reasoner, qs)
+    assert d["diagnostic_questions"] == 6 and len(seen) == 3
+    assert torch.equal(seen[0][0], post)  # the ceiling decodes from the references' own posteriors
+    assert not torch.allclose(seen[1][0], post) and not torch.allclose(seen[2][0], post)
+    for (_, outs), name in zip(seen, ("ceiling", "prior", "noise")):
+        correct = [task.verifier.score(t.text, q.reference).correct >= 1.0 for q, ts in zip(qs, outs) for t in ts]
+        assert d[f"{name}@1"] == sum(correct) / len(correct)
+    assert abs(float(seen[2][0].std()) - 1.0) < 0.25  # the floor is unit noise in the policy's space

@@ -87,6 +87,32 @@ def test_first_inner_step_ratio_is_exactly_one_and_gradient_is_the_plain_policy_
             assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_sampling_and_rescoring_share_one_step_function_with_guidance_and_diversity(tiny_policy, monkeypatch):
+    """`DiffusionPolicy.step` is the one denoising step: the sampler and LaDi-RL's re-scoring both
+    call it, so a plan drawn at guidance 2.5 and diversity 0.3 re-scores to exactly its own log-probs,
+    from the settings the plan records."""
+    p = tiny_policy
+    cond, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
+    calls = []
+    real = type(p).step
+
+    def counted(self, *a, **kw):
+        calls.append(kw.get("x_next") is not None)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(p), "step", counted)
+    with torch.no_grad():
+        plans = p.sample(cond, mask, 3, generator=torch.Generator().manual_seed(0), sde=True, guidance=2.5,
+                         diversity=0.3, noise_level=0.5)
+    assert (plans.settings.guidance, plans.settings.diversity, plans.settings.noise_level) == (2.5, 0.3, 0.5)
+    c, m = cond.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    logp, _, _ = rescore(p, plans, c, m)
+    assert calls == [False] * 5 + [True] * 5  # 5 sampling steps, then 5 re-scored transitions
+    assert torch.equal(logp.detach(), plans.log_probs)
+    other, _, _ = rescore(p, plans, c, m, guidance=1.0)  # the settings matter: another guidance, other log-probs
+    assert not torch.allclose(other.detach(), plans.log_probs)
+
+
 @pytest.mark.slow
 def test_a_policy_step_raises_the_log_probability_of_a_rewarded_plan(latent_ckpt):
     ck = load_checkpoint(latent_ckpt)

@@ -62,3 +62,30 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     resumed = _toy_stage(tmp_path / "b", 20)
     for p, q in zip(straight.parameters(), resumed.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_a_failed_run_exits_non_zero(tmp_path):
+    """`python -m training.sft` on a dataset that does not exist: a clear message and a non-zero status."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "training.sft", "--task", str(tmp_path / "missing.jsonl"),
+                        "--verifier", "math", "--preset", "smoke", "--out", str(tmp_path / "ckpt")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "missing.jsonl" in r.stderr
+
+
+def test_a_stage_whose_loss_is_not_finite_fails(tmp_path):
+    """A NaN loss ends the stage with an error (the run then exits non-zero) instead of training on."""
+    import torch
+
+    from training.common import MetricsLog
+    from training.config import PRESETS, StageConfig
+    from training.sft import run_stage
+
+    w = torch.nn.Parameter(torch.ones(1))
+    with pytest.raises(RuntimeError, match="loss is nan"):
+        run_stage("demo", StageConfig(steps=5, batch_size=1, lr=1e-3, warmup=0), {"m": torch.nn.Linear(1, 1)}, [w],
+                  lambda rng, gen: ((w * float("nan")).sum(), {}), PRESETS["smoke"], tmp_path,
+                  MetricsLog(tmp_path / "m.jsonl"))

@@ -55,6 +55,28 @@ def evaluate(reasoner: Reasoner, questions: list[Question], verifier: Verifier, 
 
 
 @torch.no_grad()
+def reference_posteriors(reasoner: Reasoner, questions: list[Question]) -> tuple[list[int], list[str], torch.Tensor]:
+    """The codec's posterior mean (normalised, the policy's space) of each question's first reference
+    solution: (question indices, reference texts, plans [R, L, d_z]). Questions without one are skipped."""
+    codec, tok = reasoner.checkpoint.codec, reasoner.tokenizer
+    idx, refs, rows = [], [], []
+    for i, q in enumerate(questions):
+        ref = next((s for s in q.solutions if s), None) if q.solutions else None
+        if ref is None:
+            continue
+        pid = reasoner.prompt_ids([q.prompt])[0]
+        ids = pid + tok(ref, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        idx.append(i)
+        refs.append(ref)
+        rows.append(reasoner.embed_tokens(torch.tensor(ids)))
+    if not rows:
+        return [], [], torch.empty(0)
+    x, mask = pad_embeds(rows)
+    mu, _ = codec.encoder(x, mask)
+    return idx, refs, codec.normalize(mu)
+
+
+@torch.no_grad()
 def plan_following(reasoner: Reasoner, questions: list[Question], plans: int = 8, max_tokens: int = 96) -> dict:
     """Does the decoder follow the latent plan? (A collapsed codec writes the same text for any plan.)
 
@@ -68,22 +90,43 @@ def plan_following(reasoner: Reasoner, questions: list[Question], plans: int = 8
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=0)
     gens = reasoner.generate([q.prompt for q in questions], plans, 1, greedy)
     distinct = [len({c.text.strip() for c in g.completions}) for g in gens]
-    codec, tok = reasoner.checkpoint.codec, reasoner.tokenizer
-    hits = total = 0
-    for q in questions:
-        refs = [s for s in q.solutions if s] if q.solutions else []
-        if not refs:
-            continue
-        pid = reasoner.prompt_ids([q.prompt])[0]
-        ids = [pid + tok(r, add_special_tokens=False).input_ids + [tok.eos_token_id] for r in refs]
-        rows = [reasoner.embed_tokens(torch.tensor(x)) for x in ids]
-        x, mask = pad_embeds(rows)
-        mu, _ = codec.encoder(x, mask)
-        prompt = reasoner.prompt_embeds([pid])[0]
-        outs = reasoner.decode([prompt] * len(refs), codec.normalize(mu), 1, greedy)
-        hits += sum(o[0].text.strip() == r.strip() for o, r in zip(outs, refs))
-        total += len(refs)
-    return {"plan_texts": statistics.fmean(distinct), "reconstruction": hits / total if total else None}
+    idx, refs, post = reference_posteriors(reasoner, questions)
+    hits = 0
+    if idx:
+        prompts = reasoner.prompt_embeds(reasoner.prompt_ids([questions[i].prompt for i in idx]))
+        outs = reasoner.decode(prompts, post, 1, greedy)
+        hits = sum(o[0].text.strip() == r.strip() for o, r in zip(outs, refs))
+    return {"plan_texts": statistics.fmean(distinct), "reconstruction": hits / len(idx) if idx else None}
+
+
+@torch.no_grad()
+def plan_diagnostics(reasoner: Reasoner, questions: list[Question], verifier: Verifier, params: SamplingParams,
+                     samples: int = 4) -> dict:
+    """Where the latent path loses its accuracy: pass@1 decoding from three kinds of plan, each with
+    `samples` texts per question at the evaluation's sampling settings.
+
+    - ceiling@1: the codec's posterior of a reference solution (what a perfect prior would get);
+    - prior@1: the prior's own plans (the headline pass@1, measured here the same way);
+    - noise@1: plans of pure N(0, I) noise in the policy's normalised space (the floor).
+    """
+    if not reasoner.is_latent:
+        raise ValueError("plan_diagnostics needs a latent checkpoint")
+    cfg = reasoner.checkpoint.codec.cfg
+    gen = torch.Generator().manual_seed(params.seed if params.seed is not None else 0)
+    idx, _, post = reference_posteriors(reasoner, questions)
+    qs = [questions[i] for i in idx]
+    if not qs:
+        return {"ceiling@1": None, "prior@1": None, "noise@1": None}
+    prompts = reasoner.prompt_embeds(reasoner.prompt_ids([q.prompt for q in qs]))
+    prior = reasoner.sample_plans(prompts, 1, generator=gen).latents
+    noise = torch.randn(len(qs), cfg.latent_tokens, cfg.latent_dim, generator=gen)
+    out = {}
+    for name, plans in (("ceiling", post), ("prior", prior), ("noise", noise)):
+        texts = reasoner.decode(prompts, plans, samples, params)
+        correct = [verifier.score(t.text, q.reference).correct >= 1.0 for q, ts in zip(qs, texts) for t in ts]
+        out[f"{name}@1"] = statistics.fmean(correct)
+    out["diagnostic_questions"] = len(qs)
+    return out
 
 
 def summarize(records: list[dict], ks: list[int]) -> dict:
@@ -101,20 +144,22 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
 
 def markdown_table(results: dict[str, dict], ks: list[int]) -> str:
     cols = [f"pass@{k}" for k in ks] + [f"maj@{max(ks)}", "distinct_correct", "plan_distance", "plan_texts",
-                                        "reconstruction", "format", "wall_s"]
+                                        "reconstruction", "ceiling@1", "prior@1", "noise@1", "format", "wall_s"]
     lines = ["| checkpoint | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, s in results.items():
         cells = []
         for c in cols:
             v = s.get(c)
-            cells.append("-" if v is None else f"{100 * v:.1f}" if c.startswith(("pass", "maj", "format", "recon"))
+            pct = c.startswith(("pass", "maj", "format", "recon")) or c.endswith("@1")
+            cells.append("-" if v is None else f"{100 * v:.1f}" if pct
                          else f"{v:.2f}" if isinstance(v, float) else str(v))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\npass@k, maj@k and format in %; distinct_correct = distinct correct solutions per " \
         "question (up to commutativity/associativity); plan_distance = mean pairwise L2 distance of a question's " \
         "latent plans (normalised latent space); plan_texts = distinct greedy texts from 8 plans of one question " \
         "(1 = the decoder ignores the plan); reconstruction = % of reference reasonings decoded back exactly from " \
-        "their own latent.\n"
+        "their own latent; ceiling@1 / prior@1 / noise@1 = pass@1 decoding from a reference solution's posterior " \
+        "(what a perfect prior would get), from the prior's plans, and from pure-noise plans (the floor).\n"
 
 
 def plot(results: dict[str, dict], ks: list[int], path: Path, title: str) -> None:
@@ -160,6 +205,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--probe-questions", type=int, default=64,
                    help="latent checkpoints: questions for the plan-following probe (plan_texts, reconstruction)")
+    p.add_argument("--diagnostic-questions", type=int, default=500,
+                   help="latent checkpoints: questions for ceiling@1 / prior@1 / noise@1 (4 texts each)")
     return p.parse_args(argv)
 
 
@@ -195,7 +242,9 @@ def main(argv=None) -> dict:
                         guidance=args.guidance, diversity=args.diversity)
         summary = summarize(recs, ks)
         if reasoner.is_latent:
-            summary.update(plan_following(reasoner, questions[:args.probe_questions], max_tokens=args.max_tokens))
+            probe = questions[:args.probe_questions]
+            summary.update(plan_following(reasoner, probe, max_tokens=args.max_tokens))
+            summary.update(plan_diagnostics(reasoner, questions[:args.diagnostic_questions], task.verifier, params))
         summary.update(wall_s=round(time.time() - t0, 1), kind=reasoner.checkpoint.config.kind,
                        plans=plans if reasoner.is_latent else None, samples_per_plan=spp, checkpoint=str(ckpt))
         results[name], per_question[name] = summary, recs

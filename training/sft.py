@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -26,7 +25,7 @@ from ladi_core.checkpoint import (
     save_checkpoint,
     update_metrics,
 )
-from ladi_core.codec import LatentCodec
+from ladi_core.codec import LatentCodec, with_plans
 from ladi_core.decoder import build_char_tokenizer, build_decoder, chat_prompt, load_decoder
 from ladi_core.generation import Reasoner, pad_embeds
 from ladi_core.policies import DiffusionPolicy
@@ -78,6 +77,9 @@ def run_stage(name: str, sc: StageConfig, modules: dict[str, torch.nn.Module], p
             g["lr"] = lr
         rng, gen = step_rng(cfg.seed, name, step)
         loss, extra = loss_fn(rng, gen)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"[{name}] the loss is {loss.item()} at step {step}: the run failed (its state up to "
+                               f"the last save is in {work}; lower the stage's lr and --resume)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -115,7 +117,7 @@ def latent_reconstruction_loss(decoder, codec: LatentCodec, prompts: list[list[i
         e = embed(torch.tensor(p + c))
         hide = torch.rand(len(c), generator=gen) < ccfg.cot_dropout
         ce_in = torch.where(hide[:, None], hidden_tok, e[len(p):])
-        rows.append(torch.cat([e[: len(p)], plan[i], ce_in]))
+        rows.append(torch.cat([with_plans([e[: len(p)]], plan[i:i + 1])[0], ce_in]))
         labels.append([-100] * (len(p) + plan.shape[1]) + c)
     x, xmask = pad_embeds(rows)
     lab, _ = pad_batch(labels, -100)
@@ -273,4 +275,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()  # a failed run raises, and Python exits non-zero

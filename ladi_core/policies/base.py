@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -17,6 +17,7 @@ class PlanSample:
     log_probs: torch.Tensor | None = None  # [Q * M, steps]
     trajectory: torch.Tensor | None = None  # [steps + 1, Q * M, L, d_z]
     sigmas: torch.Tensor | None = None  # [steps + 1]
+    settings: Any = None  # the sampler settings that produced it (the policy's own config type)
 
 
 class LatentPolicy(Protocol):

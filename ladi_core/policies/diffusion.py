@@ -254,17 +254,27 @@ class DiffusionPolicy(nn.Module):
         sigmas = flow.sigma_schedule(sc.steps, sc.shift)
         traj, logps = [x], []
         for i in range(sc.steps):
-            sig, nxt = float(sigmas[i]), float(sigmas[i + 1])
-            v = self.velocity(x, sig, ctx, sc.guidance)
-            if sc.diversity:
-                # v points towards noise and dt < 0: subtracting g moves the plans apart.
-                v = v - sc.diversity * sig * flow.repulsion(x, group)
+            x, lp, _, _ = self.step(x, float(sigmas[i]), float(sigmas[i + 1]), ctx, sc, group, sde=sde,
+                                    generator=generator)
             if sde:
-                x, lp, _, _ = flow.sde_step(x, v, sig, nxt, sc.noise_level, generator)
                 logps.append(lp)
                 traj.append(x)
-            else:
-                x = flow.ode_step(x, v, sig, nxt)
         if not sde:
-            return PlanSample(x, group)
-        return PlanSample(x, group, torch.stack(logps, 1), torch.stack(traj), sigmas)
+            return PlanSample(x, group, settings=sc)
+        return PlanSample(x, group, torch.stack(logps, 1), torch.stack(traj), sigmas, settings=sc)
+
+    def step(self, x: torch.Tensor, sigma: float, sigma_next: float, ctx: QuestionContext, sc: SamplerConfig,
+             group: int | list[int], *, sde: bool, generator: torch.Generator | None = None,
+             x_next: torch.Tensor | None = None):
+        """THE denoising step, for sampling and for RL's re-scoring alike: guided velocity, repulsion
+        between a question's plans, then the ODE move or the SDE (Flow-GRPO) transition.
+
+        Returns (x_next, log_prob, mean, std); the last three are None for the ODE. With `x_next`
+        given (re-scoring a stored transition) the SDE step only evaluates its log-density."""
+        v = self.velocity(x, sigma, ctx, sc.guidance)
+        if sc.diversity:
+            # v points towards noise and dt < 0: subtracting g moves the plans apart.
+            v = v - sc.diversity * sigma * flow.repulsion(x, group)
+        if not sde:
+            return flow.ode_step(x, v, sigma, sigma_next), None, None, None
+        return flow.sde_step(x, v, sigma, sigma_next, sc.noise_level, generator, x_next)

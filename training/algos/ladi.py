@@ -6,35 +6,29 @@ question) is shared by every denoising step of that plan; each step's ratio is c
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from ladi_core import flow
 from ladi_core.policies import DiffusionPolicy, PlanSample
-from ladi_core.policies.diffusion import QuestionContext
 
 from .common import clipped_surrogate
 
 
-def step_velocity(policy: DiffusionPolicy, x: torch.Tensor, sigma: float, ctx: QuestionContext,
-                  guidance: float, diversity: float, group) -> torch.Tensor:
-    """The sampler's velocity, repulsion included (it depends on x only, not on the parameters)."""
-    v = policy.velocity(x, sigma, ctx, guidance)
-    if diversity:
-        v = v - diversity * sigma * flow.repulsion(x, group)
-    return v
+def rescore(policy: DiffusionPolicy, plans: PlanSample, cond: torch.Tensor, mask: torch.Tensor,
+            **overrides) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+    """Log-probability of each stored transition under `policy`: [rows, steps], plus means and stds.
 
-
-def rescore(policy: DiffusionPolicy, plans: PlanSample, cond: torch.Tensor, mask: torch.Tensor, *, guidance: float,
-            diversity: float, noise_level: float) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
-    """Log-probability of each stored transition under `policy`: [rows, steps], plus means and stds."""
+    Each transition goes through the sampler's own step (`DiffusionPolicy.step`) with the settings
+    that drew the plans (`plans.settings`); `overrides` (guidance, diversity, noise_level) replace them."""
+    sc = replace(plans.settings or policy.sampler, **{k: v for k, v in overrides.items() if v is not None})
     logps, means, stds = [], [], []
     sig = plans.sigmas
     ctx = policy.context(cond, mask)  # once per call: every step attends to the same question
     for k in range(len(sig) - 1):
-        s, nxt = float(sig[k]), float(sig[k + 1])
         x = plans.trajectory[k]
-        v = step_velocity(policy, x, s, ctx, guidance, diversity, plans.group_size)
-        _, lp, mean, std = flow.sde_step(x, v, s, nxt, noise_level, x_next=plans.trajectory[k + 1])
+        _, lp, mean, std = policy.step(x, float(sig[k]), float(sig[k + 1]), ctx, sc, plans.group_size, sde=True,
+                                       x_next=plans.trajectory[k + 1])
         logps.append(lp)
         means.append(mean)
         stds.append(std)
