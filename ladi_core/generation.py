@@ -16,6 +16,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .codec import build_inputs_embeds, plan_positions, with_plans
 from .decoder import chat_prompt, load_decoder
 from .policies import PlanSample
+from .seeding import plan_noise, plan_params, question_seed
 
 
 @dataclass
@@ -121,15 +122,17 @@ class Reasoner:
             raise ValueError("plans and samples_per_plan must be >= 1")
         ids = self.prompt_ids(prompts, chat)
         embeds = self.prompt_embeds(ids)
+        seeds = [question_seed(params.seed, q) for q in range(len(prompts))]  # the one seeding rule
         if not self.is_latent:
-            decoded = self.backend.generate(embeds, plans * samples_per_plan, params)
+            per_prompt = [plan_params(params, s, 1, plans * samples_per_plan)[0] for s in seeds]
+            decoded = self.backend.generate(embeds, plans * samples_per_plan, per_prompt)
             return [Generation([Completion(d.text, None, d) for d in row], None) for row in decoded]
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator().manual_seed(params.seed)
-        sample = self.sample_plans(embeds, plans, generator=gen, **plan_overrides)
+        cfg = self.checkpoint.codec.cfg
+        noise = torch.cat([plan_noise(s, plans, cfg.latent_tokens, cfg.latent_dim) for s in seeds])
+        sample = self.sample_plans(embeds, plans, init_noise=noise, **plan_overrides)
         rows_embeds = [e for e in embeds for _ in range(plans)]
-        decoded = self.decode(rows_embeds, sample.latents, samples_per_plan, params)
+        per_plan = [p for s in seeds for p in plan_params(params, s, plans, samples_per_plan)]
+        decoded = self.decode(rows_embeds, sample.latents, samples_per_plan, per_plan)
         out = []
         for q in range(len(prompts)):
             comps = [Completion(d.text, m, d) for m in range(plans) for d in decoded[q * plans + m]]

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ladi_core.backends import BackendDead
 from ladi_core.checkpoint import git_commit
 from ladi_core.generation import Reasoner
+from ladi_core.seeding import question_seed
 
 from .config import ServerConfig
 from .engine import Engine, Job, QueueFull
@@ -257,8 +259,9 @@ def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "trans
 
         loop = asyncio.get_running_loop()
         lay = plan.layout
-        jobs = [Job(ids, lay.plans, lay.samples_per_plan, plan.params, loop, plan.overrides, req.stream, req.mode)
-                for ids in plan.prompts]
+        # prompt p of a request is asked with question_seed(seed, p): the one seeding rule
+        jobs = [Job(ids, lay.plans, lay.samples_per_plan, replace(plan.params, seed=question_seed(plan.params.seed, p)),
+                    loop, plan.overrides, req.stream, req.mode) for p, ids in enumerate(plan.prompts)]
         try:
             for job in jobs:
                 srv.engine.submit(job)

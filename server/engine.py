@@ -30,6 +30,7 @@ import torch
 
 from ladi_core.backends import Decoded, SamplingParams
 from ladi_core.generation import Reasoner
+from ladi_core.seeding import plan_noise, plan_params
 
 from .metrics import ServerMetrics
 
@@ -344,12 +345,13 @@ class Engine:
         for j, (job, e) in enumerate(zip(jobs, embeds)):
             plans = range(job.plans) if latents is not None else [None]
             n = job.samples_per_plan if latents is not None else job.rows
+            per_plan = plan_params(job.params, job.params.seed, len(plans), n)  # the one seeding rule
             for m in plans:
                 prefix_embeds.append(e)
                 if m is not None:
                     row_plans.append(latents[j][m])
                 counts.append(n)
-                params.append(job.params)
+                params.append(per_plan[m or 0])
                 prefix_job.append(job)
                 prefix_plan.append(m)
                 base = (m or 0) * n
@@ -369,11 +371,8 @@ class Engine:
             groups.setdefault(tuple(sorted(job.overrides.items())), []).append(i)
         latents: list[torch.Tensor | None] = [None] * len(jobs)
         for key, idxs in groups.items():
-            noise = []
-            for i in idxs:
-                job = jobs[i]
-                gen = torch.Generator().manual_seed(job.params.seed) if job.params.seed is not None else None
-                noise.append(torch.randn(job.plans, codec_cfg.latent_tokens, codec_cfg.latent_dim, generator=gen))
+            noise = [plan_noise(jobs[i].params.seed, jobs[i].plans, codec_cfg.latent_tokens, codec_cfg.latent_dim)
+                     for i in idxs]
             sample = self.reasoner.sample_plans([embeds[i] for i in idxs], [jobs[i].plans for i in idxs],
                                                 init_noise=torch.cat(noise), **dict(key))
             start = 0

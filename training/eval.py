@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ladi_core.backends import SamplingParams
 from ladi_core.generation import Reasoner, pad_embeds
 from ladi_core.metrics import distinct_correct, maj_at_k, mean_pairwise_distance, pass_at_k
+from ladi_core.seeding import question_seed
 from ladi_core.tasks import Question, get_task
 from ladi_core.verifiers import Verifier
 
@@ -35,8 +36,9 @@ def evaluate(reasoner: Reasoner, questions: list[Question], verifier: Verifier, 
     bar = tqdm(total=len(questions), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(questions), batch_questions):
         chunk = questions[start:start + batch_questions]
-        seed = None if params.seed is None else params.seed + start
-        gens = reasoner.generate([q.prompt for q in chunk], plans, samples_per_plan, replace(params, seed=seed),
+        # question i of the evaluation is asked with question_seed(seed, i), as the API would be
+        gens = reasoner.generate([q.prompt for q in chunk], plans, samples_per_plan,
+                                 replace(params, seed=question_seed(params.seed, start)),
                                  **plan_overrides)
         for q, g in zip(chunk, gens):
             rewards = [verifier.score(c.text, q.reference) for c in g.completions]
