@@ -32,6 +32,11 @@ class CodecConfig:
     # decoder's input while the codec trains, so it must read them from the plan.
     logvar_init: float = -6.0
     cot_dropout: float = 0.5
+    # LaDiR's codec: the decoder reads only [bot; adapter(z); eot], never the question, so z must
+    # carry the whole reasoning and cannot collapse (cot_dropout is then moot). Every prefix built
+    # for such a codec, in training and serving, leaves the prompt out.
+    decoder_sees_question: bool = True
+    token_substitution: float = 0.0  # share of the encoder's input tokens replaced at random (LaDiR: 0.3)
 
 
 class LatentEncoder(nn.Module):
@@ -116,13 +121,18 @@ def plan_positions(cfg: CodecConfig | None) -> int:
     return 0 if cfg is None else cfg.latent_tokens + 2
 
 
-def with_plans(prompt_embeds: list[torch.Tensor], plan_embeds: torch.Tensor | None) -> list[torch.Tensor]:
+def with_plans(prompt_embeds: list[torch.Tensor], plan_embeds: torch.Tensor | None,
+               sees_question: bool = True) -> list[torch.Tensor]:
     """`[prompt; bot; adapter(z); eot]` per row from embedded prompts and `LatentCodec.plan_embeds`
-    rows (aligned one to one); the prompts alone without plans. Gradients flow through both."""
+    rows (aligned one to one); `[bot; adapter(z); eot]` alone for a codec whose decoder does not see
+    the question (`CodecConfig.decoder_sees_question`); the prompts alone without plans. Gradients
+    flow through both."""
     if plan_embeds is None:
         return list(prompt_embeds)
     if plan_embeds.shape[0] != len(prompt_embeds):
         raise ValueError(f"{plan_embeds.shape[0]} plans for {len(prompt_embeds)} prompts")
+    if not sees_question:
+        return [p.to(e.dtype) for e, p in zip(prompt_embeds, plan_embeds)]
     return [torch.cat([e, p.to(e.dtype)], dim=0) for e, p in zip(prompt_embeds, plan_embeds)]
 
 

@@ -106,7 +106,10 @@ class Reasoner:
 
     def prefixes(self, prompt_embeds: list[torch.Tensor], plans: torch.Tensor | None) -> list[torch.Tensor]:
         """The decoder's input per row: the prompt, then the plan's [bot; adapter(z); eot] when there is one."""
-        return with_plans(prompt_embeds, None if plans is None else self.checkpoint.codec.plan_embeds(plans))
+        if plans is None:
+            return list(prompt_embeds)
+        codec = self.checkpoint.codec
+        return with_plans(prompt_embeds, codec.plan_embeds(plans), codec.cfg.decoder_sees_question)
 
     @property
     def plan_positions(self) -> int:

@@ -24,16 +24,23 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
 
 
+def start_server(ckpt, log, log_path, *flags: str, env: dict | None = None):
+    """`python -m server` on `ckpt` (the default backend unless `flags` say otherwise), its output in
+    `log`; a server that does not come up fails the test with the end of its log."""
+    port = free_port()
+    try:
+        return start([sys.executable, "-m", "server", "--checkpoint", str(ckpt), "--port", str(port),
+                      "--log-level", "warning", *flags], port, timeout=240, log=log,
+                     env=clean_env() if env is None else env)
+    except RuntimeError as err:
+        raise AssertionError(f"{err}\n{log_path.read_text()[-3000:]}") from None
+
+
 def test_python_m_server_answers_on_the_default_backend(latent_ckpt, tmp_path):
     """No KV-cache flag and no KV variable: the server sizes the CPU cache from the model and says so."""
-    port = free_port()
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
-        try:
-            proc, url = start([sys.executable, "-m", "server", "--checkpoint", str(latent_ckpt), "--port", str(port),
-                               "--log-level", "warning"], port, timeout=240, log=log, env=clean_env())
-        except RuntimeError as err:
-            raise AssertionError(f"{err}\n{log_path.read_text()[-3000:]}") from None
+        proc, url = start_server(latent_ckpt, log, log_path)
         try:
             printed = log_path.read_text()
             assert "vLLM CPU KV cache:" in printed and '"cpu_kvcache_space_gib": 1' in printed, printed[-2000:]
@@ -70,14 +77,9 @@ def _assert_kept_off_the_worker_cpus(server: psutil.Process, engine_procs: list[
 def test_a_dead_engine_makes_health_503_fails_requests_at_once_and_ends_the_server(latent_ckpt, tmp_path):
     """kill -9 of vLLM's engine core while requests are in flight: each in-flight request gets a
     clear 503, /health answers 503, new requests a 503 at once, and the server exits non-zero."""
-    port = free_port()
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
-        try:
-            proc, url = start([sys.executable, "-m", "server", "--checkpoint", str(latent_ckpt), "--port", str(port),
-                               "--log-level", "warning"], port, timeout=240, log=log, env=clean_env())
-        except RuntimeError as err:
-            raise AssertionError(f"{err}\n{log_path.read_text()[-3000:]}") from None
+        proc, url = start_server(latent_ckpt, log, log_path)
         try:
             core = [p for p in psutil.Process(proc.pid).children(recursive=True)
                     if p.name().startswith("VLLM::EngineCor")]
@@ -130,12 +132,9 @@ def metric(url: str, name: str) -> float:
 def test_sigterm_under_load_answers_every_accepted_request(latent_ckpt, tmp_path):
     """SIGTERM while streaming and plain requests decode: the server stops taking work, lets those in
     flight finish for its grace period, then ends the rest with a clear 503: none is cut silently."""
-    port = free_port()
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
-        proc, url = start([sys.executable, "-m", "server", "--checkpoint", str(latent_ckpt), "--port", str(port),
-                           "--backend", "transformers", "--shutdown-grace-s", "3", "--log-level", "warning"],
-                          port, timeout=120, log=log)
+        proc, url = start_server(latent_ckpt, log, log_path, "--backend", "transformers", "--shutdown-grace-s", "3")
         short = {"messages": [{"role": "user", "content": "Make 23 from 3 4 5 2."}], "n": 2, "max_tokens": 8}
         long = {**short, "n": 16, "max_tokens": 256, "min_tokens": 256}
 

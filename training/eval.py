@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ladi_core.backends import SamplingParams
+from ladi_core.decoder import load_decoder
 from ladi_core.generation import Reasoner, pad_embeds
 from ladi_core.metrics import distinct_correct, maj_at_k, mean_pairwise_distance, pass_at_k
 from ladi_core.seeding import question_seed
@@ -99,6 +100,34 @@ def plan_following(reasoner: Reasoner, questions: list[Question], plans: int = 8
         outs = reasoner.decode(prompts, post, 1, greedy)
         hits = sum(o[0].text.strip() == r.strip() for o, r in zip(outs, refs))
     return {"plan_texts": statistics.fmean(distinct), "reconstruction": hits / len(idx) if idx else None}
+
+
+@torch.no_grad()
+def latent_information(reasoner: Reasoner, questions: list[Question]) -> dict:
+    """How much the decoder reads from z: the teacher-forced cross-entropy (nats per token) of each
+    reference reasoning given its own posterior mean, against the same given another question's
+    posterior (a shuffled pairing). Equal figures mean the plan is ignored; exact-match
+    reconstruction is the stricter test a trained codec must pass, this one shows any use of z."""
+    idx, refs, post = reference_posteriors(reasoner, questions)
+    if len(idx) < 2:
+        return {"ce_own_z": None, "ce_shuffled_z": None}
+    tok, eos = reasoner.tokenizer, reasoner.tokenizer.eos_token_id
+    prompts = reasoner.prompt_embeds(reasoner.prompt_ids([questions[i].prompt for i in idx]))
+    targets = [tok(r, add_special_tokens=False).input_ids + [eos] for r in refs]
+    decoder = getattr(reasoner.backend, "model", None)  # the transformers backend's own model
+    if decoder is None:  # a vLLM engine keeps its weights in its own processes
+        decoder, _ = load_decoder(reasoner.checkpoint.decoder_dir)
+    out = {}
+    for name, plans in (("own", post), ("shuffled", post.roll(1, 0))):
+        total = count = 0.0
+        for prefix, target in zip(reasoner.prefixes(prompts, plans), targets):
+            t = torch.tensor(target)
+            x = torch.cat([prefix, reasoner.embed_tokens(t)])[None]
+            logits = decoder(inputs_embeds=x.to(decoder.dtype)).logits[0, prefix.shape[0] - 1:-1]
+            total += float(torch.nn.functional.cross_entropy(logits.float(), t, reduction="sum"))
+            count += len(target)
+        out[f"ce_{name}_z"] = total / count
+    return out
 
 
 @torch.no_grad()

@@ -264,7 +264,8 @@ class Trainer:
             m, n = cfg.plans, cfg.samples_per_plan
             plan_embeds = self.reasoner.checkpoint.codec.plan_embeds(ro.plans.latents).detach()
             rows = torch.arange(len(ro.prompt_embeds) * m).repeat_interleave(n)  # (question, plan) per text
-            prefixes = with_plans([ro.prompt_embeds[int(r) // m] for r in rows], plan_embeds[rows])
+            sees = self.reasoner.checkpoint.codec.cfg.decoder_sees_question
+            prefixes = with_plans([ro.prompt_embeds[int(r) // m] for r in rows], plan_embeds[rows], sees)
             adv = group_advantages(ro.scored.rewards.view(len(ro.prompt_embeds), m * n), clip=cfg.adv_clip)
             text_loss, _ = self._token_objective(prefixes, ro.scored, adv, old)
             loss = loss + cfg.text_policy_coef * text_loss

@@ -101,24 +101,32 @@ def run_stage(name: str, sc: StageConfig, modules: dict[str, torch.nn.Module], p
 def latent_reconstruction_loss(decoder, codec: LatentCodec, prompts: list[list[int]], comps: list[list[int]],
                                pad: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """The codec objective: encode question + reasoning into z, then make the decoder write the
-    reasoning from `[prompt; bot; adapter(z); eot]` with a fraction of the reasoning tokens hidden
-    from its input (replaced by the pad embedding), so that it has to read them from z."""
+    reasoning from the prefix every decode uses (`with_plans`): `[prompt; bot; adapter(z); eot]`,
+    or `[bot; adapter(z); eot]` alone for a question-free codec (LaDiR's). A decoder that sees the
+    question gets a fraction of the reasoning tokens hidden from its input (`cot_dropout`, replaced
+    by the pad embedding), so that it has to read them from z. `token_substitution` replaces a share
+    of the encoder's input tokens at random (LaDiR: a decoder robust to imperfect latents)."""
     ccfg = codec.cfg
     embed = decoder.get_input_embeddings()
     ids, mask = pad_batch([p + c for p, c in zip(prompts, comps)], pad)
+    if ccfg.token_substitution > 0:
+        swap = (torch.rand(ids.shape, generator=gen) < ccfg.token_substitution) & mask
+        ids = torch.where(swap, torch.randint(0, embed.num_embeddings, ids.shape, generator=gen), ids)
     with torch.no_grad():
         enc_in = embed(ids)
     z, kl = codec.encode(enc_in, mask, sample=True, generator=gen)
     z = z + ccfg.latent_noise * torch.randn(z.shape, generator=gen)
     plan = codec.adapter(z)
     hidden_tok = embed(torch.tensor([pad]))[0]
+    dropout = ccfg.cot_dropout if ccfg.decoder_sees_question else 0.0
     rows, labels = [], []
     for i, (p, c) in enumerate(zip(prompts, comps)):
         e = embed(torch.tensor(p + c))
-        hide = torch.rand(len(c), generator=gen) < ccfg.cot_dropout
+        hide = torch.rand(len(c), generator=gen) < dropout
         ce_in = torch.where(hide[:, None], hidden_tok, e[len(p):])
-        rows.append(torch.cat([with_plans([e[: len(p)]], plan[i:i + 1])[0], ce_in]))
-        labels.append([-100] * (len(p) + plan.shape[1]) + c)
+        prefix = with_plans([e[: len(p)]], plan[i:i + 1], ccfg.decoder_sees_question)[0]
+        rows.append(torch.cat([prefix, ce_in]))
+        labels.append([-100] * prefix.shape[0] + c)
     x, xmask = pad_embeds(rows)
     lab, _ = pad_batch(labels, -100)
     ce = decoder(inputs_embeds=x, attention_mask=xmask.long(), labels=lab).loss
