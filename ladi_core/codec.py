@@ -138,8 +138,9 @@ def with_plans(prompt_embeds: list[torch.Tensor], plan_embeds: torch.Tensor | No
 
 def build_inputs_embeds(embed_tokens: nn.Module, prompt_ids: list[list[int]],
                         plans: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """THE prefix of every decode, in training and in serving, for every backend:
-    `[embed(prompt); bot; adapter(z); eot]` for a latent plan, `embed(prompt)` without one.
+    """Embedded prompts, followed by already-lifted plans when given: `[embed(prompt); bot;
+    adapter(z); eot]`. Decodes go through `Reasoner.prefixes`, which also honours a question-free
+    codec (`with_plans(..., sees_question=False)`); both share `with_plans`.
 
     prompt_ids: B token-id lists; plans: [B, L + 2, hidden] from `LatentCodec.plan_embeds`, or None.
     Returns B tensors [T_b, hidden] (unpadded: the transformers backend pads, vLLM takes them as is).

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -127,21 +126,18 @@ class _Uvicorn:
     def __init__(self, app, cfg: ServerConfig):
         import uvicorn
 
-        srv = app.state.server
-        outer = self
+        self.srv = srv = app.state.server
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame):
-                if sig in (signal.SIGTERM, signal.SIGINT) and srv.loop is not None:
-                    srv.drain(cfg.shutdown_grace_s, srv.loop)
+                if sig in (signal.SIGTERM, signal.SIGINT):
+                    srv.drain(cfg.shutdown_grace_s)
                 super().handle_exit(sig, frame)
 
         self.server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                                             timeout_graceful_shutdown=max(1, round(cfg.shutdown_grace_s))))
-        self.fatal: str | None = None
 
         def on_fatal(reason: str) -> None:
-            outer.fatal = reason
             self.server.should_exit = True
             # whatever hangs in shutdown (a dead engine's client), the process ends within seconds
             timer = threading.Timer(FATAL_EXIT_S, os._exit, args=(FATAL_EXIT_CODE,))
@@ -152,7 +148,7 @@ class _Uvicorn:
 
     def run(self) -> int:
         self.server.run()
-        return FATAL_EXIT_CODE if self.fatal is not None else 0
+        return FATAL_EXIT_CODE if self.srv.dead is not None else 0
 
 
 FATAL_EXIT_CODE = 70  # EX_SOFTWARE: the backend died; a supervisor should restart the server
@@ -179,13 +175,11 @@ def main(argv=None) -> None:
         app = build_app(cfg, backend)
     except Exception as err:
         print(_start_failure(backend, err), flush=True)
-        sys.stdout.flush()
         os._exit(1)  # an engine that failed half-way may hold threads that block a normal exit
     print(f"loaded {cfg.checkpoint} in {time.time() - t0:.1f}s; serving on http://{cfg.host}:{cfg.port}", flush=True)
     code = _Uvicorn(app, cfg).run()
     if code:
         print(f"exiting with status {code}: {app.state.server.dead}", flush=True)
-        sys.stdout.flush()
         os._exit(code)
 
 

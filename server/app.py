@@ -145,10 +145,11 @@ class Server:
         if self.on_fatal is not None:
             self.on_fatal(reason)
 
-    def drain(self, grace_s: float, loop: asyncio.AbstractEventLoop) -> None:
+    def drain(self, grace_s: float) -> None:
         """SIGTERM: take no new requests, let those in flight finish for `grace_s`, then end the rest
         with a clear error (a little before the HTTP server closes their connections)."""
-        if self.draining:
+        loop = self.loop
+        if self.draining or loop is None:  # a second signal, or one before the app started
             return
         self.draining = True
         print(f"shutting down: {len(self.inflight)} requests in flight get up to {grace_s:.0f}s", flush=True)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ladi_core.backends import SamplingParams
 from ladi_core.backends.vllm import add_option_arguments, options_from_arguments
 from ladi_core.checkpoint import command_line, git_commit, make_provenance, save_checkpoint, update_metrics
-from ladi_core.codec import build_inputs_embeds, with_plans
+from ladi_core.codec import build_inputs_embeds
 from ladi_core.generation import Reasoner
 from ladi_core.tasks import get_task
 
@@ -262,10 +262,10 @@ class Trainer:
         loss, stats = ladi_loss(logp, ro.plans.log_probs, ro.advantages.flatten(), cfg.clip, kl, cfg.kl_beta)
         if cfg.text_policy_coef > 0:
             m, n = cfg.plans, cfg.samples_per_plan
-            plan_embeds = self.reasoner.checkpoint.codec.plan_embeds(ro.plans.latents).detach()
             rows = torch.arange(len(ro.prompt_embeds) * m).repeat_interleave(n)  # (question, plan) per text
-            sees = self.reasoner.checkpoint.codec.cfg.decoder_sees_question
-            prefixes = with_plans([ro.prompt_embeds[int(r) // m] for r in rows], plan_embeds[rows], sees)
+            with torch.no_grad():  # the decoder trains here, not the plans
+                prefixes = self.reasoner.prefixes([ro.prompt_embeds[int(r) // m] for r in rows],
+                                                  ro.plans.latents[rows])
             adv = group_advantages(ro.scored.rewards.view(len(ro.prompt_embeds), m * n), clip=cfg.adv_clip)
             text_loss, _ = self._token_objective(prefixes, ro.scored, adv, old)
             loss = loss + cfg.text_policy_coef * text_loss

@@ -115,6 +115,7 @@ class TransformersBackend:
         top_p = torch.tensor([p.top_p for p in params], device=dev).repeat_interleave(reps)
         limit = torch.tensor([p.max_tokens for p in params], device=dev).repeat_interleave(reps)
         min_tokens = torch.tensor([p.min_tokens for p in params], device=dev).repeat_interleave(reps)
+        is_stop = torch.isin(torch.arange(logits.shape[-1], device=dev), self.stop_ids)  # [vocab]
         # consecutive prefixes with the same generator draw together (rows are prefix-major)
         groups: list[tuple[slice, torch.Generator | None]] = []
         for i, p in enumerate(params):
@@ -134,9 +135,7 @@ class TransformersBackend:
         for step in range(max_steps):
             early = min_tokens > step  # rows whose stop tokens are masked until min_tokens
             if bool(early.any()):
-                logits = logits.clone()
-                logits[early[:, None] & torch.isin(torch.arange(logits.shape[-1], device=dev), self.stop_ids)] = \
-                    float("-inf")
+                logits = logits.masked_fill(early[:, None] & is_stop, float("-inf"))
             tok = sample_next(logits, temperature, top_p, groups)
             lp = torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
             hit = torch.isin(tok, self.stop_ids) & ~done

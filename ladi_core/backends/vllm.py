@@ -313,6 +313,7 @@ class VLLMBackend:
                        observer: StepObserver | None) -> list[Decoded]:
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         # A watched request gets DELTA updates (only the new tokens, each step); the others one
         # FINAL_ONLY output, which spares the loop thread a wake-up per token.
@@ -333,7 +334,9 @@ class VLLMBackend:
             raise BackendDead(dead)
         try:
             await self._collect(prefix, sp, rid, ids, lps, finish, aborted, observer, row_offset)
-        except Exception as err:  # vLLM's EngineDeadError and whatever a dying engine raises first
+        except EngineDeadError as err:  # raised to requests before `errored` may say so
+            raise BackendDead("the vLLM engine core process died") from err
+        except Exception as err:  # whatever else a dying engine raises first
             dead = self.dead()
             if dead is not None:
                 raise BackendDead(dead) from err
