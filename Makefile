@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CHECKPOINT ?= checkpoints/demo-ladi-rl
 
-.PHONY: venv sandbox serve test prometheus soak demo-sft demo-eval demo-rl demo-compare bench-backends clean
+.PHONY: venv sandbox serve test prometheus soak demo demo-clean bench-backends clean
 
 venv: $(STAMP)
 
@@ -36,29 +36,15 @@ prometheus:
 test: $(STAMP) prometheus sandbox
 	$(BIN)/python -m pytest -q
 
-demo-sft: $(STAMP)
-	$(BIN)/python -m training.sft --task countdown --preset demo --out checkpoints/demo
+# The paper's comparison at small scale, one resumable command: token SFT + the latent codec and
+# prior, GRPO from the token checkpoint and LaDi-RL from the latent one (the same rollout budget),
+# then all four on the same 500 held-out questions -> results/rl-demo. Rerunning after an
+# interruption continues where it stopped; `make demo-clean` forgets finished stages.
+demo: $(STAMP)
+	$(BIN)/python -m training.pipeline
 
-demo-eval: $(STAMP)
-	$(BIN)/python -m training.eval --checkpoint checkpoints/demo-token --checkpoint checkpoints/demo \
-	    --name token-sft --name latent-sft \
-	    --task countdown --problems 500 --k 1,2,4,8,16,32,64 --out results/sft-demo
-
-# The paper's comparison at small scale: GRPO from the token-level checkpoint, LaDi-RL from the
-# latent one (same budget flags), then all four checkpoints on the same 500 held-out questions.
-demo-rl: $(STAMP)
-	$(BIN)/python -m training.rl --algo grpo --init checkpoints/demo-token --out checkpoints/demo-grpo \
-	    --task countdown --preset demo --seed 0
-	$(BIN)/python -m training.rl --algo ladi --init checkpoints/demo --out checkpoints/demo-ladi-rl --lr 2e-4 \
-	    --task countdown --preset demo --seed 0
-
-demo-compare: $(STAMP)
-	$(BIN)/python -m training.eval --checkpoint checkpoints/demo-token --checkpoint checkpoints/demo-grpo \
-	    --checkpoint checkpoints/demo --checkpoint checkpoints/demo-ladi-rl \
-	    --name base-sft --name token-grpo --name ladir-sft --name ladi-rl \
-	    --task countdown --problems 500 --k 1,2,4,8,16,32,64 --out results/rl-demo
-	$(BIN)/python -m training.rl_curves --run token-grpo=checkpoints/demo-grpo.work/metrics.jsonl \
-	    --run ladi-rl=checkpoints/demo-ladi-rl.work/metrics.jsonl --out results/rl-demo/curves.png
+demo-clean:
+	rm -rf .demo
 
 # LaDi on vLLM vs LaDi on transformers vs plain vLLM serving the same decoder (figures, not a test).
 bench-backends: $(STAMP)

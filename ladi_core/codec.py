@@ -37,6 +37,14 @@ class CodecConfig:
     # for such a codec, in training and serving, leaves the prompt out.
     decoder_sees_question: bool = True
     token_substitution: float = 0.0  # share of the encoder's input tokens replaced at random (LaDiR: 0.3)
+    # An information budget instead (a conditional VAE whose decoder sees the question): with
+    # kl_weight 1 the KL to N(0, I) binds, so a plan drawn from noise decodes like the token model
+    # and z carries only what the question leaves open (which solution to write). The first
+    # `free_bits` nats of each latent dimension (batch mean) are free, so z is never left unread.
+    free_bits: float = 0.0
+    # The KL weight ramps from 0 to kl_weight over this share of the codec stage (KL annealing):
+    # a decoder that learns to read a nearly deterministic z first keeps reading it once the budget binds.
+    kl_warmup: float = 0.0
 
 
 class LatentEncoder(nn.Module):
@@ -94,7 +102,7 @@ class LatentCodec(nn.Module):
 
     def encode(self, token_embeds, mask, sample: bool = True,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw (unnormalised) z and the KL to N(0, I) per example."""
+        """Raw (unnormalised) z and the KL to N(0, I) per latent element [B, L, d_z]."""
         mu, logvar = self.encoder(token_embeds, mask)
         if sample:
             where = generator.device if generator is not None else mu.device
@@ -102,8 +110,16 @@ class LatentCodec(nn.Module):
             z = mu + noise * (0.5 * logvar).exp()
         else:
             z = mu
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(-2, -1))
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
         return z, kl
+
+    def kl_penalty(self, kl: torch.Tensor) -> torch.Tensor:
+        """The KL term the codec pays: per example summed, batch mean, with each dimension's
+        first `free_bits` nats free."""
+        per_dim = kl.mean(0)
+        if self.cfg.free_bits > 0:
+            per_dim = per_dim.clamp_min(self.cfg.free_bits)
+        return per_dim.sum()
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.latent_mean) / self.latent_std

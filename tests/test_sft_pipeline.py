@@ -42,7 +42,7 @@ def _toy_stage(tmp_path, steps, crash_at=None):
     model = torch.nn.Linear(4, 1)
     cfg = SFTConfig(seed=3, save_every=5)
 
-    def loss_fn(rng, gen):
+    def loss_fn(rng, gen, progress):
         if crash_at is not None and rng.random() >= 0 and loss_fn.step == crash_at:
             raise KeyboardInterrupt
         loss_fn.step += 1
@@ -87,5 +87,5 @@ def test_a_stage_whose_loss_is_not_finite_fails(tmp_path):
     w = torch.nn.Parameter(torch.ones(1))
     with pytest.raises(RuntimeError, match="loss is nan"):
         run_stage("demo", StageConfig(steps=5, batch_size=1, lr=1e-3, warmup=0), {"m": torch.nn.Linear(1, 1)}, [w],
-                  lambda rng, gen: ((w * float("nan")).sum(), {}), PRESETS["smoke"], tmp_path,
+                  lambda rng, gen, progress: ((w * float("nan")).sum(), {}), PRESETS["smoke"], tmp_path,
                   MetricsLog(tmp_path / "m.jsonl"))

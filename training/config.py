@@ -30,9 +30,9 @@ class SFTConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     policy: DiffusionPolicyConfig = field(default_factory=DiffusionPolicyConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    # demo budget: under 30 minutes on 2 cores (measured ~0.3 s, ~1.2 s and ~0.5 s a step).
-    # The decoder gets most of it: held-out pass@1 climbs steeply with its steps, and at equal
-    # wall time 3000 steps of 64 beat 1250 of 128 (29% vs 20% pass@1 on 300 held-out questions).
+    # The decoder: held-out pass@1 climbs steeply with its steps, and at equal wall time 3000 steps
+    # of 64 beat 1250 of 128 (29% vs 20% pass@1 on 300 held-out questions). The demo preset below
+    # sets the codec and prior budgets (LaDiR's codec needs thousands of steps to read back).
     decoder_stage: StageConfig = StageConfig(3000, 64, 3e-3, warmup=100)
     codec_stage: StageConfig = StageConfig(250, 128, 1e-3)
     prior_stage: StageConfig = StageConfig(500, 128, 1e-3)
@@ -47,18 +47,35 @@ class SFTConfig:
         return json.dumps(asdict(self), indent=2)
 
 
-# LaDiR's codec (question-free decoder, 30% token substitution, more latent noise, trained far
-# longer) on top of an existing token-level decoder: `--decoder-init <token ckpt>/decoder` skips
-# nothing else, and a decoder stage of 0 steps keeps that decoder as the token-level baseline.
+# LaDiR's codec: the decoder reads only [bot; adapter(z); eot] (never the question), 30% of the
+# encoder's input tokens are substituted, latent noise 0.3. Measured on the demo task (500 held-out
+# questions, results/ladir-codec): after 3000 codec steps, reconstruction 89.1% and ceiling pass@1
+# 91.2, where the question-seeing codec with half the reasoning hidden had 1.6% and 4.5.
 LADIR_CODEC = CodecConfig(decoder_sees_question=False, token_substitution=0.3, latent_noise=0.3, cot_dropout=0.0)
 
+# The plan codec (a conditional VAE, measured and not adopted): the decoder sees the question and z
+# is meant to carry only the choice of solution under an information budget (kl_weight 1, free
+# bits), so that a plan drawn from noise decodes like the token model. It collapses: after 1200
+# codec steps z holds ~1 nat, 8 plans decode to one greedy text (plan_texts 1.0, reconstruction 0),
+# pass@1 33.2 on 64 held-out questions (the token model: 28.1), i.e. the token model with an unread
+# plan. KL annealing (logvar_init -6, kl_warmup 0.3) plus 25% of the reasoning hidden from the
+# decoder did not make z read either (plan_texts 1.0) and cost accuracy (pass@1 19.1).
+PLAN_CODEC = CodecConfig(latent_dim=8, decoder_sees_question=True, cot_dropout=0.0, token_substitution=0.0,
+                         latent_noise=0.0, logvar_init=0.0, kl_weight=1.0, free_bits=0.25)
+
 PRESETS: dict[str, SFTConfig] = {
-    "demo": SFTConfig(),
-    "demo-ladir": SFTConfig(
+    # `make demo`'s SFT stage: token SFT, then LaDiR's codec and the prior (~53 min on 2 cores)
+    "demo": SFTConfig(
         codec=LADIR_CODEC,
-        decoder_stage=StageConfig(0, 64, 3e-3, warmup=0),
         codec_stage=StageConfig(3000, 64, 1e-3, warmup=100),
         prior_stage=StageConfig(2000, 64, 1e-3, warmup=100),
+    ),
+    # the plan codec on an existing token decoder (`--decoder-init checkpoints/demo-token/decoder`)
+    "demo-plan": SFTConfig(
+        codec=PLAN_CODEC,
+        decoder_stage=StageConfig(0, 64, 3e-3, warmup=0),
+        codec_stage=StageConfig(1200, 64, 1e-3, warmup=100),
+        prior_stage=StageConfig(1000, 64, 1e-3, warmup=100),
     ),
     # the smoke codec is LaDiR's: in 240 steps its plans already carry the reasoning (teacher-forced
     # loss 0.44 nats/token given a text's own latent against 0.87 given another's; 7.9 of 8 plans

@@ -5,10 +5,13 @@
 
 Writes NAME/results.json, NAME/table.md and NAME/passk.png. A latent checkpoint draws max(k) plans
 with one text each (diversity comes from the plans); a token-level one draws max(k) texts.
+Each checkpoint's finished evaluation is kept in NAME/parts/, so a rerun with the same flags on the
+same checkpoint (an interrupted `make demo`) picks up where it stopped.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -241,6 +244,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def part_key(args: argparse.Namespace, ckpt: str) -> str:
+    """What a checkpoint's evaluation depends on: every flag that changes a figure, and the
+    checkpoint itself (its ladi.json records how it was made, down to the commit and metrics)."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "name", "out", "threads")}
+    made = (Path(ckpt) / "ladi.json").read_text()
+    return hashlib.sha256(json.dumps([flags, made], sort_keys=True).encode()).hexdigest()[:16]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_threads(args.threads)
@@ -257,7 +268,15 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, per_question = {}, {}
+    parts = out / "parts"
+    parts.mkdir(exist_ok=True)
     for name, ckpt in zip(names, args.checkpoint):
+        part = parts / f"{name}-{part_key(args, ckpt)}.json"
+        if part.is_file():
+            saved = json.loads(part.read_text())
+            results[name], per_question[name] = saved["summary"], saved["records"]
+            print(f"{name}: evaluated before with these flags ({part}), reused")
+            continue
         t0 = time.time()
         reasoner = Reasoner.from_checkpoint(ckpt)
         n = max(ks)
@@ -279,6 +298,7 @@ def main(argv=None) -> dict:
         summary.update(wall_s=round(time.time() - t0, 1), kind=reasoner.checkpoint.config.kind,
                        plans=plans if reasoner.is_latent else None, samples_per_plan=spp, checkpoint=str(ckpt))
         results[name], per_question[name] = summary, recs
+        part.write_text(json.dumps({"summary": summary, "records": recs}))
         print(f"{name}: " + ", ".join(f"pass@{k}={100 * summary[f'pass@{k}']:.1f}" for k in ks)
               + f", distinct={summary['distinct_correct']:.2f}, {summary['wall_s']}s")
     (out / "results.json").write_text(json.dumps({"args": {**vars(args), "k": ks}, "results": results}, indent=2))

@@ -76,7 +76,7 @@ def run_stage(name: str, sc: StageConfig, modules: dict[str, torch.nn.Module], p
         for g in opt.param_groups:
             g["lr"] = lr
         rng, gen = step_rng(cfg.seed, name, step)
-        loss, extra = loss_fn(rng, gen)
+        loss, extra = loss_fn(rng, gen, step / sc.steps)
         if not torch.isfinite(loss):
             raise RuntimeError(f"[{name}] the loss is {loss.item()} at step {step}: the run failed (its state up to "
                                f"the last save is in {work}; lower the stage's lr and --resume)")
@@ -99,7 +99,7 @@ def run_stage(name: str, sc: StageConfig, modules: dict[str, torch.nn.Module], p
 
 
 def latent_reconstruction_loss(decoder, codec: LatentCodec, prompts: list[list[int]], comps: list[list[int]],
-                               pad: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+                               pad: int, gen: torch.Generator, progress: float = 1.0) -> tuple[torch.Tensor, dict]:
     """The codec objective: encode question + reasoning into z, then make the decoder write the
     reasoning from the prefix every decode uses (`with_plans`): `[prompt; bot; adapter(z); eot]`,
     or `[bot; adapter(z); eot]` alone for a question-free codec (LaDiR's). A decoder that sees the
@@ -130,7 +130,9 @@ def latent_reconstruction_loss(decoder, codec: LatentCodec, prompts: list[list[i
     x, xmask = pad_embeds(rows)
     lab, _ = pad_batch(labels, -100)
     ce = decoder(inputs_embeds=x, attention_mask=xmask.long(), labels=lab).loss
-    return ce + ccfg.kl_weight * kl.mean(), {"ce": round(ce.item(), 5), "kl": round(kl.mean().item(), 3)}
+    kl_nats = kl.sum(dim=(-2, -1)).mean()
+    beta = ccfg.kl_weight * (min(1.0, progress / ccfg.kl_warmup) if ccfg.kl_warmup > 0 else 1.0)
+    return ce + beta * codec.kl_penalty(kl), {"ce": round(ce.item(), 5), "kl": round(kl_nats.item(), 3)}
 
 
 def quick_eval(path: Path, task, cfg: SFTConfig) -> dict:
@@ -200,7 +202,7 @@ def main(argv=None) -> Path:
     timings = {}
 
     # --- stage 1: decoder SFT ---------------------------------------------------------------------
-    def decoder_loss(rng, gen):
+    def decoder_loss(rng, gen, progress):
         prompts, comps = data.batch(cfg.decoder_stage.batch_size, rng)
         ids, mask = pad_batch([p + c for p, c in zip(prompts, comps)], pad)
         labels = ids.masked_fill(~mask, -100)
@@ -227,9 +229,9 @@ def main(argv=None) -> Path:
         with torch.no_grad():
             return embed(ids).detach(), mask
 
-    def codec_loss(rng, gen):
+    def codec_loss(rng, gen, progress):
         prompts, comps = data.batch(cfg.codec_stage.batch_size, rng)
-        return latent_reconstruction_loss(decoder, codec, prompts, comps, pad, gen)
+        return latent_reconstruction_loss(decoder, codec, prompts, comps, pad, gen, progress)
 
     t0 = time.time()
     run_stage("codec", cfg.codec_stage, {"decoder": decoder, "codec": codec},
@@ -262,7 +264,7 @@ def main(argv=None) -> Path:
     codec.latent_mean.copy_(stats["mean"])
     codec.latent_std.copy_(stats["std"])
 
-    def prior_loss(rng, gen):
+    def prior_loss(rng, gen, progress):
         mu, cond, cmask = latents_and_cond(*data.batch(cfg.prior_stage.batch_size, rng))
         return policy.flow_matching_loss(codec.normalize(mu), cond, cmask, gen), {}
 

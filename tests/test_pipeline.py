@@ -1,0 +1,60 @@
+"""`make demo`'s driver: finished stages are skipped, an interrupted one resumes, stale work is not."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.pipeline import STAGES, Stage, run_pipeline
+
+# A stand-in stage command: appends its argv to a log, and fails while a `fail-<stage>` file exists.
+SCRIPT = """
+import sys, pathlib
+d = pathlib.Path(sys.argv[1])
+(d / "log").open("a").write(" ".join(sys.argv[2:]) + "\\n")
+(d / "work").mkdir(exist_ok=True)
+if (d / f"fail-{sys.argv[2]}").exists():
+    sys.exit(3)
+"""
+
+
+def stages(tmp: Path) -> list[Stage]:
+    script = tmp / "stage.py"
+    script.write_text(SCRIPT)
+    return [Stage("a", [str(script), str(tmp), "a"]),
+            Stage("b", [str(script), str(tmp), "b"], work=str(tmp / "work"))]
+
+
+def test_a_failed_stage_resumes_and_finished_stages_are_skipped(tmp_path):
+    state = tmp_path / "state"
+    (tmp_path / "fail-b").touch()
+    with pytest.raises(Exception):
+        run_pipeline(stages(tmp_path), state, sys.executable)
+    assert (state / "a.done").is_file() and not (state / "b.done").exists()
+    (tmp_path / "fail-b").unlink()
+    times = run_pipeline(stages(tmp_path), state, sys.executable, report=tmp_path / "pipeline.json")
+    log = (tmp_path / "log").read_text().splitlines()
+    assert log == ["a", "b", "b --resume"]  # a ran once; b resumed the work it had started
+    assert set(times) == {"a", "b"}
+    report = json.loads((tmp_path / "pipeline.json").read_text())
+    assert report["total_s"] == pytest.approx(sum(times.values()), abs=0.2)
+    run_pipeline(stages(tmp_path), state, sys.executable)  # all done: nothing runs
+    assert (tmp_path / "log").read_text().splitlines() == log
+
+
+def test_stale_work_from_another_run_is_removed_not_resumed(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "stale").touch()
+    run_pipeline(stages(tmp_path), tmp_path / "state", sys.executable)
+    assert (tmp_path / "log").read_text().splitlines() == ["a", "b"]
+    assert not (tmp_path / "work" / "stale").exists()
+
+
+def test_the_demo_stages_match_what_the_readme_compares():
+    names = [s.name for s in STAGES]
+    assert names == ["sft", "grpo", "ladi-rl", "compare"]
+    grpo, ladi = STAGES[1].command, STAGES[2].command
+    # the same budget: the same preset and seed, no budget flag on one side only
+    for flag in ("--preset", "--seed", "--task"):
+        assert grpo[grpo.index(flag) + 1] == ladi[ladi.index(flag) + 1]
+    assert "checkpoints/demo-ladi-rl" in STAGES[3].command

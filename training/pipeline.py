@@ -1,0 +1,119 @@
+"""`make demo`: the whole comparison in one resumable command.
+
+    python -m training.pipeline [--state .demo] [--python PY] [--dry-run]
+
+Stages, each a command of this project run as a subprocess (so each is exactly what a researcher
+would type, and each checkpoint's provenance records that command):
+
+1. sft      token SFT (-> checkpoints/demo-token), then the latent codec and prior (-> checkpoints/demo)
+2. grpo     token-level GRPO from the token SFT checkpoint (-> checkpoints/demo-grpo)
+3. ladi-rl  LaDi-RL from the latent SFT checkpoint, the same rollout budget (-> checkpoints/demo-ladi-rl)
+4. compare  all four on the same 500 held-out questions (-> results/rl-demo), then the RL curves
+
+Resuming: a finished stage leaves `<state>/<stage>.done` (its command and wall time) and is
+skipped; a stage that was started but not finished is continued with `--resume` (the evaluation
+keeps each finished checkpoint in results/rl-demo/parts/). A stage never resumes work it did not
+start itself: stale `.work/` directories from other runs are removed first. Wall times land in
+results/rl-demo/pipeline.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+K = "1,2,4,8,16,32,64"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    command: list[str]  # after the interpreter
+    work: str | None = None  # the resumable state directory the command keeps (it takes --resume)
+    after: list[list[str]] = field(default_factory=list)  # follow-up commands, cheap and idempotent
+
+
+STAGES = [
+    Stage("sft", ["-m", "training.sft", "--task", "countdown", "--preset", "demo", "--out", "checkpoints/demo",
+                  "--seed", "0"], work="checkpoints/demo.work"),
+    Stage("grpo", ["-m", "training.rl", "--algo", "grpo", "--init", "checkpoints/demo-token",
+                   "--out", "checkpoints/demo-grpo", "--task", "countdown", "--preset", "demo", "--seed", "0"],
+          work="checkpoints/demo-grpo.work"),
+    Stage("ladi-rl", ["-m", "training.rl", "--algo", "ladi", "--init", "checkpoints/demo",
+                      "--out", "checkpoints/demo-ladi-rl", "--lr", "2e-4", "--task", "countdown", "--preset", "demo",
+                      "--seed", "0"], work="checkpoints/demo-ladi-rl.work"),
+    Stage("compare", ["-m", "training.eval", "--checkpoint", "checkpoints/demo-token",
+                      "--checkpoint", "checkpoints/demo-grpo", "--checkpoint", "checkpoints/demo",
+                      "--checkpoint", "checkpoints/demo-ladi-rl", "--name", "token-sft", "--name", "token-grpo",
+                      "--name", "ladir-sft", "--name", "ladi-rl", "--task", "countdown", "--problems", "500",
+                      "--k", K, "--out", "results/rl-demo"],
+          after=[["-m", "training.rl_curves", "--run", "token-grpo=checkpoints/demo-grpo.work/metrics.jsonl",
+                  "--run", "ladi-rl=checkpoints/demo-ladi-rl.work/metrics.jsonl",
+                  "--out", "results/rl-demo/curves.png"]]),
+]
+
+
+def run_pipeline(stages: list[Stage], state: Path, python: str, dry_run: bool = False,
+                 report: Path | None = None) -> dict:
+    """Run what is not done yet; returns {stage: seconds} for every finished stage."""
+    state.mkdir(parents=True, exist_ok=True)
+    times = {}
+    for st in stages:
+        done, started = state / f"{st.name}.done", state / f"{st.name}.started"
+        if done.is_file():
+            times[st.name] = json.loads(done.read_text())["seconds"]
+            print(f"[demo] {st.name}: done before ({times[st.name]:.0f} s), skipped", flush=True)
+            continue
+        cmd = [python, *st.command]
+        previous = 0.0
+        if st.work and Path(st.work).exists():
+            if started.is_file():
+                cmd.append("--resume")
+                previous = json.loads(started.read_text()).get("seconds", 0.0)
+            elif not dry_run:
+                shutil.rmtree(st.work)  # left by a run this pipeline did not start
+        print(f"[demo] {st.name}: {' '.join(cmd)}", flush=True)
+        if dry_run:
+            continue
+        started.write_text(json.dumps({"seconds": previous}))
+        t0 = time.time()
+        try:
+            subprocess.run(cmd, check=True)
+            for extra in st.after:
+                subprocess.run([python, *extra], check=True)
+        except (subprocess.CalledProcessError, KeyboardInterrupt):
+            started.write_text(json.dumps({"seconds": previous + time.time() - t0}))
+            raise
+        seconds = previous + time.time() - t0
+        done.write_text(json.dumps({"command": " ".join(cmd), "seconds": round(seconds, 1)}))
+        started.unlink()
+        times[st.name] = round(seconds, 1)
+        print(f"[demo] {st.name}: finished in {seconds / 60:.1f} min", flush=True)
+    if report is not None and not dry_run and len(times) == len(stages):
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps({"stages_s": times, "total_s": round(sum(times.values()), 1),
+                                      "total_h": round(sum(times.values()) / 3600, 2)}, indent=2) + "\n")
+    return times
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m training.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state", default=".demo", help="where finished/started stages are recorded")
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--dry-run", action="store_true", help="print what would run")
+    args = p.parse_args(argv)
+    times = run_pipeline(STAGES, Path(args.state), args.python, args.dry_run,
+                         report=Path("results/rl-demo/pipeline.json"))
+    if not args.dry_run:
+        print(f"[demo] all stages: {sum(times.values()) / 3600:.2f} h", flush=True)
+    return times
+
+
+if __name__ == "__main__":
+    main()
