@@ -2,8 +2,10 @@
 
     python -m clients.eval --base-url http://127.0.0.1:8000/v1 --task countdown --problems 200 --k 1,8
 
-On the same checkpoint it estimates the same quantity as `python -m training.eval` (max(k) plans,
-one text each, temperature 1), so the two agree within sampling noise.
+On the same checkpoint it measures what `python -m training.eval` does (max(k) plans, one text
+each, temperature 1), and with the same --seed it asks question i with the project's one seeding
+rule (`ladi_core.seeding.question_seed`), so on the same backend it reproduces training.eval's
+texts, and its figures, exactly.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from tqdm import tqdm
 
 from clients.report import emit_json
 from ladi_core.metrics import pass_at_k
+from ladi_core.seeding import question_seed
 from ladi_core.tasks import get_task
 
 
@@ -34,11 +37,11 @@ async def run(a) -> dict:
         async with sem:
             r = await client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": q.prompt}], n=n, temperature=a.temperature,
-                max_tokens=a.max_tokens, seed=a.seed + i,
+                max_tokens=a.max_tokens, seed=question_seed(a.seed, i),
                 extra_body={"mode": "pass_at_k", "reference": q.reference, "verifier": task.verifier.name})
             bar.update(1)
             extra = r.model_extra or {}
-            return extra["pass_at_k"]["correct"], len(r.choices)
+            return extra["pass_at_k"]["correct"], [c.message.content for c in r.choices]
 
     t0 = time.time()
     try:
@@ -49,9 +52,10 @@ async def run(a) -> dict:
     summary = {"base_url": a.base_url, "model": model, "task": a.task, "questions": len(questions),
                "samples": n, "wall_s": round(time.time() - t0, 1)}
     for k in ks:
-        summary[f"pass@{k}"] = statistics.fmean(pass_at_k(s, c, k) for c, s in results)
+        summary[f"pass@{k}"] = statistics.fmean(pass_at_k(len(texts), c, k) for c, texts in results)
     if getattr(a, "per_question", False):
         summary["correct_per_question"] = [c for c, _ in results]
+        summary["texts_per_question"] = [texts for _, texts in results]
     return summary
 
 
@@ -69,7 +73,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--per-question", action="store_true", help="also list each question's correct count")
+    p.add_argument("--per-question", action="store_true", help="also list each question's correct count and texts")
     p.add_argument("--out", help="write the summary JSON here")
     a = p.parse_args(argv)
     summary = asyncio.run(run(a))

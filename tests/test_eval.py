@@ -72,3 +72,19 @@ def test_the_smoke_codec_reconstructs_better_than_chance(latent_reasoner):
     assert info["ce_own_z"] < 0.8 * info["ce_shuffled_z"], info
     follow = ev.plan_following(latent_reasoner, qs[:8], max_tokens=48)
     assert follow["plan_texts"] > 4, follow  # different plans, different texts: the decoder reads z
+
+
+def test_an_interrupted_comparison_reuses_finished_checkpoints(latent_ckpt, token_ckpt, tmp_path, capsys):
+    """make demo's comparison resumes: a checkpoint evaluated before with the same flags is read
+    back from <out>/parts/, not evaluated again; other flags evaluate afresh."""
+    out = tmp_path / "res"
+    flags = ["--task", "countdown", "--problems", "3", "--k", "1,2", "--out", str(out), "--max-tokens", "24",
+             "--diagnostic-questions", "2", "--probe-questions", "2"]
+    first = ev.main(["--checkpoint", str(token_ckpt), *flags])
+    capsys.readouterr()
+    both = ev.main(["--checkpoint", str(token_ckpt), "--checkpoint", str(latent_ckpt), *flags])
+    said = capsys.readouterr().out
+    assert f"{token_ckpt.name}: evaluated before" in said and f"{latent_ckpt.name}: evaluated before" not in said
+    assert both[token_ckpt.name] == first[token_ckpt.name]
+    ev.main(["--checkpoint", str(token_ckpt), *flags, "--seed", "5"])
+    assert "evaluated before" not in capsys.readouterr().out

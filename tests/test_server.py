@@ -408,3 +408,20 @@ def test_eval_client_matches_its_own_arithmetic(live, tmp_path):
     assert r["questions"] == 12 and r["samples"] == 8
     assert 0 <= r["pass@1"] <= r["pass@8"] <= 1
     assert json.loads(out.read_text())["pass@8"] == r["pass@8"]
+
+
+def test_eval_client_agrees_with_training_eval(live, reasoner):
+    """The same seed through the API and through training.eval: the same texts, so the same
+    correct count on every question (the server's default checkpoint is judged both ways)."""
+    from clients import eval as ceval
+    from ladi_core.backends import SamplingParams
+    from ladi_core.tasks import get_task
+    from training.eval import evaluate
+
+    r = ceval.main(["--base-url", live.url + "/v1", "--problems", "10", "--k", "1,4", "--max-tokens", "32",
+                    "--seed", "77", "--per-question"])
+    task = get_task("countdown")
+    recs = evaluate(reasoner, task.questions("test", 10, seed=0), task.verifier, plans=4, samples_per_plan=1,
+                    params=SamplingParams(1.0, 1.0, 32, seed=77), progress=False)
+    assert [texts[0] for texts in r["texts_per_question"]] == [rec["example"] for rec in recs]
+    assert r["correct_per_question"] == [rec["c"] for rec in recs]
