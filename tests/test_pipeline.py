@@ -58,3 +58,16 @@ def test_the_demo_stages_match_what_the_readme_compares():
     for flag in ("--preset", "--seed", "--task"):
         assert grpo[grpo.index(flag) + 1] == ladi[ladi.index(flag) + 1]
     assert "checkpoints/demo-ladi-rl" in STAGES[3].command
+
+
+def test_an_interrupted_stage_keeps_the_time_it_spent(tmp_path):
+    """The wall time of a stage run in two goes is the sum of both goes (what make demo reports)."""
+    state = tmp_path / "state"
+    (tmp_path / "fail-a").touch()
+    with pytest.raises(Exception):
+        run_pipeline(stages(tmp_path)[:1], state, sys.executable)
+    spent = json.loads((state / "a.started").read_text())["seconds"]
+    assert spent > 0
+    (tmp_path / "fail-a").unlink()
+    times = run_pipeline(stages(tmp_path)[:1], state, sys.executable)
+    assert times["a"] > spent

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 K = "1,2,4,8,16,32,64"
+HEARTBEAT_S = 30  # how often a running stage's time so far is written down
 
 
 @dataclass(frozen=True)
@@ -70,26 +71,40 @@ def run_pipeline(stages: list[Stage], state: Path, python: str, dry_run: bool = 
             print(f"[demo] {st.name}: done before ({times[st.name]:.0f} s), skipped", flush=True)
             continue
         cmd = [python, *st.command]
-        previous = 0.0
+        previous = json.loads(started.read_text())["seconds"] if started.is_file() else 0.0
         if st.work and Path(st.work).exists():
             if started.is_file():
                 cmd.append("--resume")
-                previous = json.loads(started.read_text()).get("seconds", 0.0)
             elif not dry_run:
                 shutil.rmtree(st.work)  # left by a run this pipeline did not start
         print(f"[demo] {st.name}: {' '.join(cmd)}", flush=True)
         if dry_run:
             continue
-        started.write_text(json.dumps({"seconds": previous}))
         t0 = time.time()
-        try:
-            subprocess.run(cmd, check=True)
-            for extra in st.after:
-                subprocess.run([python, *extra], check=True)
-        except (subprocess.CalledProcessError, KeyboardInterrupt):
-            started.write_text(json.dumps({"seconds": previous + time.time() - t0}))
-            raise
-        seconds = previous + time.time() - t0
+
+        def spent() -> float:  # kept current while the stage runs: a killed pipeline keeps its time
+            seconds = previous + time.time() - t0
+            started.write_text(json.dumps({"seconds": round(seconds, 1)}))
+            return seconds
+
+        spent()
+        for command in [cmd, *([python, *extra] for extra in st.after)]:
+            proc = subprocess.Popen(command)
+            try:
+                while True:
+                    try:
+                        rc = proc.wait(timeout=HEARTBEAT_S)
+                        break
+                    except subprocess.TimeoutExpired:
+                        spent()
+            finally:
+                spent()
+                if proc.poll() is None:  # interrupted ourselves: stop the stage, keep its state
+                    proc.terminate()
+                    proc.wait()
+            if rc:
+                raise subprocess.CalledProcessError(rc, command)
+        seconds = spent()
         done.write_text(json.dumps({"command": " ".join(cmd), "seconds": round(seconds, 1)}))
         started.unlink()
         times[st.name] = round(seconds, 1)
