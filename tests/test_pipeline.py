@@ -1,5 +1,6 @@
 """`make demo`'s driver: finished stages are skipped, an interrupted one resumes, stale work is not."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def stages(tmp: Path) -> list[Stage]:
 def test_a_failed_stage_resumes_and_finished_stages_are_skipped(tmp_path):
     state = tmp_path / "state"
     (tmp_path / "fail-b").touch()
-    with pytest.raises(Exception):
+    with pytest.raises(subprocess.CalledProcessError):
         run_pipeline(stages(tmp_path), state, sys.executable)
     assert (state / "a.done").is_file() and not (state / "b.done").exists()
     (tmp_path / "fail-b").unlink()
@@ -64,7 +65,7 @@ def test_an_interrupted_stage_keeps_the_time_it_spent(tmp_path):
     """The wall time of a stage run in two goes is the sum of both goes (what make demo reports)."""
     state = tmp_path / "state"
     (tmp_path / "fail-a").touch()
-    with pytest.raises(Exception):
+    with pytest.raises(subprocess.CalledProcessError):
         run_pipeline(stages(tmp_path)[:1], state, sys.executable)
     spent = json.loads((state / "a.started").read_text())["seconds"]
     assert spent > 0

@@ -59,6 +59,36 @@ STAGES = [
 ]
 
 
+def run_stage(commands: list[list[str]], started: Path, previous: float) -> float:
+    """Run a stage's commands in order; its time so far (`previous` + this go) is kept current in
+    `started` while they run, so a killed pipeline keeps it. Returns the stage's total seconds."""
+    t0 = time.time()
+
+    def spent() -> float:
+        seconds = previous + time.time() - t0
+        started.write_text(json.dumps({"seconds": round(seconds, 1)}))
+        return seconds
+
+    spent()
+    for command in commands:
+        proc = subprocess.Popen(command)
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=HEARTBEAT_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    spent()
+        finally:
+            spent()
+            if proc.poll() is None:  # interrupted ourselves: stop the stage, keep its state
+                proc.terminate()
+                proc.wait()
+        if rc:
+            raise subprocess.CalledProcessError(rc, command)
+    return spent()
+
+
 def run_pipeline(stages: list[Stage], state: Path, python: str, dry_run: bool = False,
                  report: Path | None = None) -> dict:
     """Run what is not done yet; returns {stage: seconds} for every finished stage."""
@@ -80,31 +110,7 @@ def run_pipeline(stages: list[Stage], state: Path, python: str, dry_run: bool = 
         print(f"[demo] {st.name}: {' '.join(cmd)}", flush=True)
         if dry_run:
             continue
-        t0 = time.time()
-
-        def spent() -> float:  # kept current while the stage runs: a killed pipeline keeps its time
-            seconds = previous + time.time() - t0
-            started.write_text(json.dumps({"seconds": round(seconds, 1)}))
-            return seconds
-
-        spent()
-        for command in [cmd, *([python, *extra] for extra in st.after)]:
-            proc = subprocess.Popen(command)
-            try:
-                while True:
-                    try:
-                        rc = proc.wait(timeout=HEARTBEAT_S)
-                        break
-                    except subprocess.TimeoutExpired:
-                        spent()
-            finally:
-                spent()
-                if proc.poll() is None:  # interrupted ourselves: stop the stage, keep its state
-                    proc.terminate()
-                    proc.wait()
-            if rc:
-                raise subprocess.CalledProcessError(rc, command)
-        seconds = spent()
+        seconds = run_stage([cmd, *([python, *extra] for extra in st.after)], started, previous)
         done.write_text(json.dumps({"command": " ".join(cmd), "seconds": round(seconds, 1)}))
         started.unlink()
         times[st.name] = round(seconds, 1)
