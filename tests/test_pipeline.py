@@ -10,10 +10,11 @@ from training.pipeline import STAGES, Stage, run_pipeline
 
 # A stand-in stage command: appends its argv to a log, and fails while a `fail-<stage>` file exists.
 SCRIPT = """
-import sys, pathlib
+import sys, pathlib, time
 d = pathlib.Path(sys.argv[1])
 (d / "log").open("a").write(" ".join(sys.argv[2:]) + "\\n")
 (d / "work").mkdir(exist_ok=True)
+time.sleep(0.2)  # every stage spends measurable time
 if (d / f"fail-{sys.argv[2]}").exists():
     sys.exit(3)
 """
@@ -68,7 +69,7 @@ def test_an_interrupted_stage_keeps_the_time_it_spent(tmp_path):
     with pytest.raises(subprocess.CalledProcessError):
         run_pipeline(stages(tmp_path)[:1], state, sys.executable)
     spent = json.loads((state / "a.started").read_text())["seconds"]
-    assert spent > 0
+    assert spent >= 0.15
     (tmp_path / "fail-a").unlink()
     times = run_pipeline(stages(tmp_path)[:1], state, sys.executable)
-    assert times["a"] > spent
+    assert times["a"] >= spent + 0.15  # both goes, each >= 0.2 s (rounded to 0.1 s)
