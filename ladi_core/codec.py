@@ -113,13 +113,15 @@ class LatentCodec(nn.Module):
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
         return z, kl
 
-    def kl_penalty(self, kl: torch.Tensor) -> torch.Tensor:
-        """The KL term the codec pays: per example summed, batch mean, with each dimension's
-        first `free_bits` nats free."""
+    def kl_penalty(self, kl: torch.Tensor, progress: float = 1.0) -> torch.Tensor:
+        """The weighted KL term the codec pays at `progress` (0-1) through its training stage:
+        per example summed, batch mean, each dimension's first `free_bits` nats free, the weight
+        ramping up over the first `kl_warmup` of the stage."""
         per_dim = kl.mean(0)
         if self.cfg.free_bits > 0:
             per_dim = per_dim.clamp_min(self.cfg.free_bits)
-        return per_dim.sum()
+        ramp = min(1.0, progress / self.cfg.kl_warmup) if self.cfg.kl_warmup > 0 else 1.0
+        return self.cfg.kl_weight * ramp * per_dim.sum()
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.latent_mean) / self.latent_std

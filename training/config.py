@@ -64,7 +64,7 @@ PLAN_CODEC = CodecConfig(latent_dim=8, decoder_sees_question=True, cot_dropout=0
                          latent_noise=0.0, logvar_init=0.0, kl_weight=1.0, free_bits=0.25)
 
 PRESETS: dict[str, SFTConfig] = {
-    # `make demo`'s SFT stage: token SFT, then LaDiR's codec and the prior (~53 min on 2 cores)
+    # `make demo`'s SFT stage: token SFT, then LaDiR's codec and the prior (37.8 min on 2 cores)
     "demo": SFTConfig(
         codec=LADIR_CODEC,
         codec_stage=StageConfig(3000, 64, 1e-3, warmup=100),

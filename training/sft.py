@@ -131,8 +131,7 @@ def latent_reconstruction_loss(decoder, codec: LatentCodec, prompts: list[list[i
     lab, _ = pad_batch(labels, -100)
     ce = decoder(inputs_embeds=x, attention_mask=xmask.long(), labels=lab).loss
     kl_nats = kl.sum(dim=(-2, -1)).mean()
-    beta = ccfg.kl_weight * (min(1.0, progress / ccfg.kl_warmup) if ccfg.kl_warmup > 0 else 1.0)
-    return ce + beta * codec.kl_penalty(kl), {"ce": round(ce.item(), 5), "kl": round(kl_nats.item(), 3)}
+    return ce + codec.kl_penalty(kl, progress), {"ce": round(ce.item(), 5), "kl": round(kl_nats.item(), 3)}
 
 
 def quick_eval(path: Path, task, cfg: SFTConfig) -> dict:
