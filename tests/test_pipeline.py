@@ -53,13 +53,37 @@ def test_stale_work_from_another_run_is_removed_not_resumed(tmp_path):
 
 
 def test_the_demo_stages_match_what_the_readme_compares():
-    names = [s.name for s in STAGES]
-    assert names == ["sft", "grpo", "ladi-rl", "compare"]
-    grpo, ladi = STAGES[1].command, STAGES[2].command
+    by_name = {s.name: s for s in STAGES}
+    names = list(by_name)
+    assert names == ["sft", "writer", "grpo", "ladi-rl", "compare"]
+    grpo, ladi = by_name["grpo"].command, by_name["ladi-rl"].command
     # the same budget: the same preset and seed, no budget flag on one side only
     for flag in ("--preset", "--seed", "--task"):
         assert grpo[grpo.index(flag) + 1] == ladi[ladi.index(flag) + 1]
-    assert "checkpoints/demo-ladi-rl" in STAGES[3].command
+    writer = by_name["writer"].command
+    assert ladi[ladi.index("--init") + 1] == writer[writer.index("--out") + 1]  # LaDi-RL starts from the writer
+    compared = by_name["compare"].command
+    assert {"checkpoints/demo-ladi-rl", "checkpoints/demo-ladir", "checkpoints/demo"} <= set(compared)
+    for st in STAGES:  # every stage reads only stages that come before it
+        assert all(names.index(n) < names.index(st.name) for n in st.needs)
+
+
+def test_a_changed_command_and_a_rerun_dependency_make_later_stages_run_again(tmp_path):
+    state = tmp_path / "state"
+    script = tmp_path / "stage.py"
+    script.write_text(SCRIPT)
+
+    def three(b_flag: str) -> list[Stage]:
+        return [Stage("a", [str(script), str(tmp_path), "a"]),
+                Stage("b", [str(script), str(tmp_path), "b", b_flag], needs=("a",)),
+                Stage("c", [str(script), str(tmp_path), "c"], needs=("b",)),
+                Stage("d", [str(script), str(tmp_path), "d"], needs=("a",))]
+
+    run_pipeline(three("x"), state, sys.executable)
+    run_pipeline(three("y"), state, sys.executable)  # b's command changed: b runs, then c (reads b); d does not
+    assert (tmp_path / "log").read_text().splitlines() == ["a", "b x", "c", "d", "b y", "c"]
+    run_pipeline(three("y"), state, sys.executable)  # nothing is stale now
+    assert len((tmp_path / "log").read_text().splitlines()) == 6
 
 
 def test_an_interrupted_stage_keeps_the_time_it_spent(tmp_path):

@@ -5,13 +5,17 @@
 Stages, each a command of this project run as a subprocess (so each is exactly what a researcher
 would type, and each checkpoint's provenance records that command):
 
-1. sft      token SFT (-> checkpoints/demo-token), then the latent codec and prior (-> checkpoints/demo)
-2. grpo     token-level GRPO from the token SFT checkpoint (-> checkpoints/demo-grpo)
-3. ladi-rl  LaDi-RL from the latent SFT checkpoint, the same rollout budget (-> checkpoints/demo-ladi-rl)
-4. compare  all four on the same 500 held-out questions (-> results/rl-demo), then the RL curves
+1. sft      token SFT (-> checkpoints/demo-token), then LaDiR's question-free codec and the prior
+            (-> checkpoints/demo)
+2. writer   the decoder learns to write from the question and the plan, codec and prior frozen
+            (-> checkpoints/demo-ladir, the latent SFT model)
+3. grpo     token-level GRPO from the token SFT checkpoint (-> checkpoints/demo-grpo)
+4. ladi-rl  LaDi-RL from the latent SFT checkpoint, the same rollout budget (-> checkpoints/demo-ladi-rl)
+5. compare  all five on the same 500 held-out questions (-> results/rl-demo), then the RL curves
 
-Resuming: a finished stage leaves `<state>/<stage>.done` (its command and wall time) and is
-skipped; a stage that was started but not finished is continued with `--resume` (the evaluation
+Resuming: a finished stage leaves `<state>/<stage>.done` (its command, wall time and when it
+finished) and is skipped, unless its command has changed since or a stage it reads (`Stage.needs`)
+finished after it; a stage that was started but not finished is continued with `--resume` (the evaluation
 keeps each finished checkpoint in results/rl-demo/parts/). A stage never resumes work it did not
 start itself: stale `.work/` directories from other runs are removed first. Wall times land in
 results/rl-demo/pipeline.json.
@@ -37,25 +41,31 @@ class Stage:
     command: list[str]  # after the interpreter
     work: str | None = None  # the resumable state directory the command keeps (it takes --resume)
     after: list[list[str]] = field(default_factory=list)  # follow-up commands, cheap and idempotent
+    needs: tuple[str, ...] = ()  # earlier stages whose checkpoints this one reads
 
 
 STAGES = [
     Stage("sft", ["-m", "training.sft", "--task", "countdown", "--preset", "demo", "--out", "checkpoints/demo",
                   "--seed", "0"], work="checkpoints/demo.work"),
+    Stage("writer", ["-m", "training.writer", "--init", "checkpoints/demo", "--out", "checkpoints/demo-ladir",
+                     "--decoder-from", "checkpoints/demo-token", "--preset", "demo", "--seed", "0"],
+          work="checkpoints/demo-ladir.work", needs=("sft",)),
     Stage("grpo", ["-m", "training.rl", "--algo", "grpo", "--init", "checkpoints/demo-token",
                    "--out", "checkpoints/demo-grpo", "--task", "countdown", "--preset", "demo", "--seed", "0"],
-          work="checkpoints/demo-grpo.work"),
-    Stage("ladi-rl", ["-m", "training.rl", "--algo", "ladi", "--init", "checkpoints/demo",
+          work="checkpoints/demo-grpo.work", needs=("sft",)),
+    Stage("ladi-rl", ["-m", "training.rl", "--algo", "ladi", "--init", "checkpoints/demo-ladir",
                       "--out", "checkpoints/demo-ladi-rl", "--lr", "2e-4", "--task", "countdown", "--preset", "demo",
-                      "--seed", "0"], work="checkpoints/demo-ladi-rl.work"),
+                      "--seed", "0"], work="checkpoints/demo-ladi-rl.work", needs=("writer",)),
     Stage("compare", ["-m", "training.eval", "--checkpoint", "checkpoints/demo-token",
                       "--checkpoint", "checkpoints/demo-grpo", "--checkpoint", "checkpoints/demo",
-                      "--checkpoint", "checkpoints/demo-ladi-rl", "--name", "token-sft", "--name", "token-grpo",
-                      "--name", "ladir-sft", "--name", "ladi-rl", "--task", "countdown", "--problems", "500",
+                      "--checkpoint", "checkpoints/demo-ladir", "--checkpoint", "checkpoints/demo-ladi-rl",
+                      "--name", "token-sft", "--name", "token-grpo", "--name", "ladir-codec", "--name", "ladir-sft",
+                      "--name", "ladi-rl", "--task", "countdown", "--problems", "500",
                       "--k", K, "--out", "results/rl-demo"],
           after=[["-m", "training.rl_curves", "--run", "token-grpo=checkpoints/demo-grpo.work/metrics.jsonl",
                   "--run", "ladi-rl=checkpoints/demo-ladi-rl.work/metrics.jsonl",
-                  "--out", "results/rl-demo/curves.png"]]),
+                  "--out", "results/rl-demo/curves.png"]],
+          needs=("sft", "writer", "grpo", "ladi-rl")),
 ]
 
 
@@ -89,17 +99,41 @@ def run_stage(commands: list[list[str]], started: Path, previous: float) -> floa
     return spent()
 
 
+def _stale(st: Stage, done: Path, finished: dict[str, float]) -> str | None:
+    """Why a stage must run (not done; its command changed; a stage it reads finished after it), or None."""
+    if not done.is_file():
+        return "not done"
+    record = json.loads(done.read_text())
+    recorded = record.get("args")
+    if recorded is None:  # records that predate "args": the command line with the interpreter in front
+        line = record["command"].removesuffix(" --resume")
+        recorded = st.command if line.endswith(" " + " ".join(st.command)) else None
+    if recorded != st.command:
+        return "its command changed"
+    newer = [n for n in st.needs if finished.get(n, 0.0) > record.get("finished", 0.0)]
+    return f"{', '.join(newer)} finished after it" if newer else None
+
+
 def run_pipeline(stages: list[Stage], state: Path, python: str, dry_run: bool = False,
                  report: Path | None = None) -> dict:
     """Run what is not done yet; returns {stage: seconds} for every finished stage."""
     state.mkdir(parents=True, exist_ok=True)
     times = {}
+    finished: dict[str, float] = {}  # stage -> when it finished (0 for records that predate the field)
     for st in stages:
         done, started = state / f"{st.name}.done", state / f"{st.name}.started"
-        if done.is_file():
-            times[st.name] = json.loads(done.read_text())["seconds"]
+        stale = _stale(st, done, finished)
+        if stale is None:
+            record = json.loads(done.read_text())
+            times[st.name], finished[st.name] = record["seconds"], record.get("finished", 0.0)
             print(f"[demo] {st.name}: done before ({times[st.name]:.0f} s), skipped", flush=True)
             continue
+        if done.is_file():
+            print(f"[demo] {st.name}: done before, but {stale}: running it again", flush=True)
+            if not dry_run:
+                done.unlink()
+                if st.work and Path(st.work).exists():
+                    shutil.rmtree(st.work)
         cmd = [python, *st.command]
         previous = json.loads(started.read_text())["seconds"] if started.is_file() else 0.0
         if st.work and Path(st.work).exists():
@@ -111,7 +145,9 @@ def run_pipeline(stages: list[Stage], state: Path, python: str, dry_run: bool = 
         if dry_run:
             continue
         seconds = run_stage([cmd, *([python, *extra] for extra in st.after)], started, previous)
-        done.write_text(json.dumps({"command": " ".join(cmd), "seconds": round(seconds, 1)}))
+        finished[st.name] = time.time()
+        done.write_text(json.dumps({"command": " ".join(cmd), "args": st.command, "seconds": round(seconds, 1),
+                                    "finished": finished[st.name]}))
         started.unlink()
         times[st.name] = round(seconds, 1)
         print(f"[demo] {st.name}: finished in {seconds / 60:.1f} min", flush=True)
