@@ -88,3 +88,10 @@ def test_an_interrupted_comparison_reuses_finished_checkpoints(latent_ckpt, toke
     assert both[token_ckpt.name] == first[token_ckpt.name]
     ev.main(["--checkpoint", str(token_ckpt), *flags, "--seed", "5"])
     assert "evaluated before" not in capsys.readouterr().out
+
+
+def test_zero_probe_and_diagnostic_questions_skip_them(latent_ckpt, tmp_path):
+    res = ev.main(["--checkpoint", str(latent_ckpt), "--task", "countdown", "--problems", "2", "--k", "1,2",
+                   "--out", str(tmp_path / "res"), "--max-tokens", "24", "--probe-questions", "0",
+                   "--diagnostic-questions", "0"])[latent_ckpt.name]
+    assert "pass@2" in res and "plan_texts" not in res and "ceiling@1" not in res

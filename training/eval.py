@@ -238,9 +238,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-questions", type=int, default=32)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--probe-questions", type=int, default=64,
-                   help="latent checkpoints: questions for the plan-following probe (plan_texts, reconstruction)")
+                   help="latent checkpoints: questions for the plan-following probe (plan_texts, "
+                   "reconstruction); 0 skips it")
     p.add_argument("--diagnostic-questions", type=int, default=500,
-                   help="latent checkpoints: questions for ceiling@1 / prior@1 / noise@1 (4 texts each)")
+                   help="latent checkpoints: questions for ceiling@1 / prior@1 / noise@1 (4 texts each); "
+                   "0 skips them")
     return p.parse_args(argv)
 
 
@@ -292,9 +294,11 @@ def main(argv=None) -> dict:
                         guidance=args.guidance, diversity=args.diversity)
         summary = summarize(recs, ks)
         if reasoner.is_latent:
-            probe = questions[:args.probe_questions]
-            summary.update(plan_following(reasoner, probe, max_tokens=args.max_tokens))
-            summary.update(plan_diagnostics(reasoner, questions[:args.diagnostic_questions], task.verifier, params))
+            if args.probe_questions > 0:
+                summary.update(plan_following(reasoner, questions[:args.probe_questions], max_tokens=args.max_tokens))
+            if args.diagnostic_questions > 0:
+                summary.update(plan_diagnostics(reasoner, questions[:args.diagnostic_questions], task.verifier,
+                                                params))
         summary.update(wall_s=round(time.time() - t0, 1), kind=reasoner.checkpoint.config.kind,
                        plans=plans if reasoner.is_latent else None, samples_per_plan=spp, checkpoint=str(ckpt))
         results[name], per_question[name] = summary, recs
