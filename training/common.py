@@ -69,3 +69,17 @@ def save_state(path: Path, **state) -> None:
 
 def load_state(path: Path) -> dict | None:
     return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+def open_work_dir(out: Path, config_json: str, resume: bool) -> Path:
+    """`<out>.work/`, the resumable state of a supervised run: refused when an earlier run left one
+    and --resume was not passed, or when --resume comes with another configuration than that run's."""
+    work = out.with_name(out.name + ".work")
+    saved = work / "config.json"
+    if work.exists() and not resume:
+        raise SystemExit(f"{work} exists from an earlier run: pass --resume to continue it, or remove it")
+    if resume and saved.is_file() and json.loads(saved.read_text()) != json.loads(config_json):
+        raise SystemExit(f"--resume: the configuration differs from the run in {work}; use the same flags")
+    work.mkdir(parents=True, exist_ok=True)
+    saved.write_text(config_json)
+    return work

@@ -31,7 +31,7 @@ from ladi_core.generation import Reasoner, pad_embeds
 from ladi_core.policies import DiffusionPolicy
 from ladi_core.tasks import get_task
 
-from .common import MetricsLog, load_state, lr_at, pad_batch, save_state, set_threads, step_rng
+from .common import MetricsLog, load_state, lr_at, open_work_dir, pad_batch, save_state, set_threads, step_rng
 from .config import PRESETS, SFTConfig, StageConfig, with_overrides
 from .eval import evaluate, plan_following, summarize
 
@@ -173,14 +173,7 @@ def main(argv=None) -> Path:
     set_threads(cfg.threads)
     out = Path(args.out)
     token_out = out.with_name(out.name + "-token")
-    work = out.with_name(out.name + ".work")
-    saved_cfg = work / "config.json"
-    if work.exists() and not args.resume:
-        raise SystemExit(f"{work} exists from an earlier run: pass --resume to continue it, or remove it")
-    if args.resume and saved_cfg.is_file() and json.loads(saved_cfg.read_text()) != json.loads(cfg.to_json()):
-        raise SystemExit(f"--resume: the configuration differs from the run in {work}; use the same flags")
-    work.mkdir(parents=True, exist_ok=True)
-    saved_cfg.write_text(cfg.to_json())
+    work = open_work_dir(out, cfg.to_json(), args.resume)
     print(f"training.sft preset={args.preset}\n{cfg.to_json()}", flush=True)
     log = MetricsLog(work / "metrics.jsonl")
     t_start = time.time()

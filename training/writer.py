@@ -31,7 +31,7 @@ from ladi_core.checkpoint import (
 from ladi_core.decoder import load_decoder
 from ladi_core.tasks import get_task
 
-from .common import MetricsLog, set_threads
+from .common import MetricsLog, open_work_dir, set_threads
 from .config import StageConfig, with_overrides
 from .sft import Examples, latent_reconstruction_loss, quick_eval, run_stage
 
@@ -92,15 +92,8 @@ def main(argv=None) -> Path:
         raise SystemExit(f"{init} is a token-level checkpoint: the writer stage needs a codec and a prior")
     if ck.codec.cfg.decoder_sees_question:
         raise SystemExit(f"{init}'s decoder already sees the question: the writer stage is for a "
-                              f"question-free codec (CodecConfig.decoder_sees_question=False)")
-    work = out.with_name(out.name + ".work")
-    saved_cfg = work / "config.json"
-    if work.exists() and not args.resume:
-        raise SystemExit(f"{work} exists from an earlier run: pass --resume to continue it, or remove it")
-    if args.resume and saved_cfg.is_file() and json.loads(saved_cfg.read_text()) != json.loads(cfg.to_json()):
-        raise SystemExit(f"--resume: the configuration differs from the run in {work}; use the same flags")
-    work.mkdir(parents=True, exist_ok=True)
-    saved_cfg.write_text(cfg.to_json())
+                         f"question-free codec (CodecConfig.decoder_sees_question=False)")
+    work = open_work_dir(out, cfg.to_json(), args.resume)
     print(f"training.writer preset={args.preset} init={init}\n{cfg.to_json()}", flush=True)
     command, commit, t0 = command_line("training.writer", argv), git_commit(), time.time()
 
