@@ -104,13 +104,9 @@ def _stale(st: Stage, done: Path, finished: dict[str, float]) -> str | None:
     if not done.is_file():
         return "not done"
     record = json.loads(done.read_text())
-    recorded = record.get("args")
-    if recorded is None:  # records that predate "args": the command line with the interpreter in front
-        line = record["command"].removesuffix(" --resume")
-        recorded = st.command if line.endswith(" " + " ".join(st.command)) else None
-    if recorded != st.command:
+    if record.get("args") != st.command:
         return "its command changed"
-    newer = [n for n in st.needs if finished.get(n, 0.0) > record.get("finished", 0.0)]
+    newer = [n for n in st.needs if finished.get(n, 0.0) > record["finished"]]
     return f"{', '.join(newer)} finished after it" if newer else None
 
 
@@ -119,13 +115,13 @@ def run_pipeline(stages: list[Stage], state: Path, python: str, dry_run: bool = 
     """Run what is not done yet; returns {stage: seconds} for every finished stage."""
     state.mkdir(parents=True, exist_ok=True)
     times = {}
-    finished: dict[str, float] = {}  # stage -> when it finished (0 for records that predate the field)
+    finished: dict[str, float] = {}  # stage -> when it finished
     for st in stages:
         done, started = state / f"{st.name}.done", state / f"{st.name}.started"
         stale = _stale(st, done, finished)
         if stale is None:
             record = json.loads(done.read_text())
-            times[st.name], finished[st.name] = record["seconds"], record.get("finished", 0.0)
+            times[st.name], finished[st.name] = record["seconds"], record["finished"]
             print(f"[demo] {st.name}: done before ({times[st.name]:.0f} s), skipped", flush=True)
             continue
         if done.is_file():

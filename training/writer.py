@@ -118,7 +118,6 @@ def main(argv=None) -> Path:
     log = MetricsLog(work / "metrics.jsonl")
     run_stage("writer", cfg.stage, {"decoder": decoder, "adapter": codec.adapter},
               list(decoder.parameters()) + list(codec.adapter.parameters()), writer_loss, cfg, work, log)
-    codec.eval()
     metrics = {"stage": "writer", "init": str(init), "decoder_from": str(source.path),
                "writer_s": round(time.time() - t0, 1)}
     prov = make_provenance(command, cfg.seed, json.loads(cfg.to_json()), metrics, commit)
