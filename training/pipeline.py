@@ -8,10 +8,13 @@ would type, and each checkpoint's provenance records that command):
 1. sft      token SFT (-> checkpoints/demo-token), then LaDiR's question-free codec and the prior
             (-> checkpoints/demo)
 2. writer   the decoder learns to write from the question and the plan, codec and prior frozen
-            (-> checkpoints/demo-ladir, the latent SFT model)
-3. grpo     token-level GRPO from the token SFT checkpoint (-> checkpoints/demo-grpo)
-4. ladi-rl  LaDi-RL from the latent SFT checkpoint, the same rollout budget (-> checkpoints/demo-ladi-rl)
-5. compare  all five on the same 500 held-out questions (-> results/rl-demo), then the RL curves
+            (-> checkpoints/demo-ladir)
+3. prior-rollout  LaDiR's stage 2: the prior learns from the writer's answer loss through its own
+            sampled plans (-> checkpoints/demo-ladir-s2, the latent SFT model)
+4. grpo     token-level GRPO from the token SFT checkpoint (-> checkpoints/demo-grpo)
+5. ladi-rl  LaDi-RL (plan policy + text policy) from the latent SFT checkpoint, the same rollout
+            budget (-> checkpoints/demo-ladi-rl)
+6. compare  all six on the same 500 held-out questions (-> results/rl-demo), then the RL curves
 
 Resuming: a finished stage leaves `<state>/<stage>.done` (its command, wall time and when it
 finished) and is skipped, unless its command has changed since or a stage it reads (`Stage.needs`)
@@ -50,22 +53,26 @@ STAGES = [
     Stage("writer", ["-m", "training.writer", "--init", "checkpoints/demo", "--out", "checkpoints/demo-ladir",
                      "--decoder-from", "checkpoints/demo-token", "--preset", "demo", "--seed", "0"],
           work="checkpoints/demo-ladir.work", needs=("sft",)),
+    Stage("prior-rollout", ["-m", "training.prior_rollout", "--init", "checkpoints/demo-ladir",
+                            "--out", "checkpoints/demo-ladir-s2", "--preset", "demo", "--seed", "0"],
+          work="checkpoints/demo-ladir-s2.work", needs=("writer",)),
     Stage("grpo", ["-m", "training.rl", "--algo", "grpo", "--init", "checkpoints/demo-token",
                    "--out", "checkpoints/demo-grpo", "--task", "countdown", "--preset", "demo", "--seed", "0"],
           work="checkpoints/demo-grpo.work", needs=("sft",)),
-    Stage("ladi-rl", ["-m", "training.rl", "--algo", "ladi", "--init", "checkpoints/demo-ladir",
-                      "--out", "checkpoints/demo-ladi-rl", "--lr", "2e-4", "--task", "countdown", "--preset", "demo",
-                      "--seed", "0"], work="checkpoints/demo-ladi-rl.work", needs=("writer",)),
+    Stage("ladi-rl", ["-m", "training.rl", "--algo", "ladi", "--init", "checkpoints/demo-ladir-s2",
+                      "--out", "checkpoints/demo-ladi-rl", "--lr", "2e-4", "--text-policy-coef", "1",
+                      "--text-lr", "2e-5", "--task", "countdown", "--preset", "demo", "--seed", "0"],
+          work="checkpoints/demo-ladi-rl.work", needs=("prior-rollout",)),
     Stage("compare", ["-m", "training.eval", "--checkpoint", "checkpoints/demo-token",
                       "--checkpoint", "checkpoints/demo-grpo", "--checkpoint", "checkpoints/demo",
-                      "--checkpoint", "checkpoints/demo-ladir", "--checkpoint", "checkpoints/demo-ladi-rl",
-                      "--name", "token-sft", "--name", "token-grpo", "--name", "ladir-codec", "--name", "ladir-sft",
-                      "--name", "ladi-rl", "--task", "countdown", "--problems", "500",
-                      "--k", K, "--out", "results/rl-demo"],
+                      "--checkpoint", "checkpoints/demo-ladir", "--checkpoint", "checkpoints/demo-ladir-s2",
+                      "--checkpoint", "checkpoints/demo-ladi-rl", "--name", "token-sft", "--name", "token-grpo",
+                      "--name", "ladir-codec", "--name", "ladir-writer", "--name", "ladir-sft", "--name", "ladi-rl",
+                      "--task", "countdown", "--problems", "500", "--k", K, "--out", "results/rl-demo"],
           after=[["-m", "training.rl_curves", "--run", "token-grpo=checkpoints/demo-grpo.work/metrics.jsonl",
                   "--run", "ladi-rl=checkpoints/demo-ladi-rl.work/metrics.jsonl",
                   "--out", "results/rl-demo/curves.png"]],
-          needs=("sft", "writer", "grpo", "ladi-rl")),
+          needs=("sft", "writer", "prior-rollout", "grpo", "ladi-rl")),
 ]
 
 

@@ -1,0 +1,54 @@
+"""LaDiR's stage 2: the answer loss reaches the prior through its own sampled plans; nothing else moves."""
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ladi_core.checkpoint import load_checkpoint
+from ladi_core.decoder import load_decoder
+from ladi_core.tasks import get_task
+from training import prior_rollout
+from training.sft import Examples
+
+
+@pytest.fixture(scope="module")
+def rolled(latent_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prior_rollout") / "ckpt"
+    prior_rollout.main(["--init", str(latent_ckpt), "--out", str(out), "--preset", "smoke", "--seed", "0"])
+    return out
+
+
+def test_the_answer_loss_flows_through_every_denoising_step_into_the_prior(latent_ckpt):
+    ck = load_checkpoint(latent_ckpt)
+    decoder, tok = load_decoder(ck.decoder_dir)
+    prompts, comps = Examples(get_task("countdown"), tok).batch(4, random.Random(0))
+    gen = torch.Generator().manual_seed(0)
+    loss = prior_rollout.answer_loss_through_plans(decoder, ck.codec, ck.policy, prompts, comps, 3, gen)
+    loss.backward()
+    den = ck.policy.denoiser
+    # the question encoder and the last block's output head both get a gradient: the loss went
+    # through the plan, back through the ODE steps, into the velocity model and its condition
+    assert den.out.weight.grad is not None and den.out.weight.grad.abs().sum() > 0
+    assert den.encoder[0].qkv.weight.grad.abs().sum() > 0
+
+
+def test_the_stage_trains_the_prior_only_and_samples_as_it_trained(latent_ckpt, rolled):
+    before, after = load_checkpoint(latent_ckpt), load_checkpoint(rolled)
+    for name in ("codec.safetensors", "decoder/model.safetensors"):
+        a, b = load_file(latent_ckpt / name), load_file(rolled / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name  # bit for bit
+    pa, pb = load_file(latent_ckpt / "policy.safetensors"), load_file(rolled / "policy.safetensors")
+    assert any(not torch.equal(pa[k], pb[k]) for k in pa)
+    assert after.policy.sampler.steps == prior_rollout.PRESETS["smoke"].denoising_steps != before.policy.sampler.steps
+    prov = json.loads((rolled / "ladi.json").read_text())["provenance"]
+    assert prov["command"].startswith("python -m training.prior_rollout --init")
+    assert prov["metrics"]["init"] == str(latent_ckpt) and "heldout_pass@1" in prov["metrics"]
+    log = [json.loads(line) for line in (rolled.with_name("ckpt.work") / "metrics.jsonl").read_text().splitlines()]
+    assert any("ce" in r and "fm" in r for r in log)
+
+
+def test_the_stage_refuses_a_token_checkpoint(token_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="token-level"):
+        prior_rollout.main(["--init", str(token_ckpt), "--out", str(tmp_path / "a"), "--preset", "smoke"])
