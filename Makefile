@@ -37,8 +37,9 @@ test: $(STAMP) prometheus sandbox
 	$(BIN)/python -m pytest -q
 
 # The paper's comparison at small scale, one resumable command: token SFT + the latent codec and
-# prior, GRPO from the token checkpoint and LaDi-RL from the latent one (the same rollout budget),
-# then all four on the same 500 held-out questions -> results/rl-demo. Rerunning after an
+# prior, the writer and the prior's rollout stage, GRPO from the token checkpoint and LaDi-RL from
+# the latent one (the same rollout budget), then all six on the same 500 held-out questions ->
+# results/rl-demo (training/pipeline.py lists the stages). Rerunning after an
 # interruption continues where it stopped; `make demo-clean` forgets finished stages.
 demo: $(STAMP)
 	$(BIN)/python -m training.pipeline
