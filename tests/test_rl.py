@@ -15,7 +15,7 @@ from ladi_core.policies import DiffusionPolicy, DiffusionPolicyConfig, SamplerCo
 from training import rl
 from training.algos.common import clipped_surrogate, group_advantages
 from training.algos.grpo import grpo_loss
-from training.algos.ladi import ladi_loss, rescore
+from training.algos.ladi import ladi_loss, rescore, text_advantages
 
 
 def test_group_advantages_on_hand_made_numbers():
@@ -23,6 +23,19 @@ def test_group_advantages_on_hand_made_numbers():
     assert torch.allclose(adv[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5)
     assert torch.equal(adv[1], torch.zeros(4))  # no preference inside a uniform group
     assert group_advantages(torch.tensor([[0.0, 0.0, 0.0, 10.0]]), clip=1.0).max() == 1.0
+
+
+def test_text_advantages_by_question_and_by_plan():
+    # one question, 2 plans x 2 texts: plan 0 wrote two correct texts, plan 1 one of two
+    r = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    by_question = text_advantages(r, 2, "question", None)
+    assert torch.allclose(by_question, group_advantages(r))  # over all four texts
+    assert by_question[0, 0] > 0 and by_question[0, 3] < 0
+    by_plan = text_advantages(r, 2, "plan", None)
+    assert torch.equal(by_plan[0, :2], torch.zeros(2))  # plan 0's texts agree: no preference
+    assert torch.allclose(by_plan[0, 2:], torch.tensor([1.0, -1.0]), atol=1e-5)
+    with pytest.raises(ValueError, match="question"):
+        text_advantages(r, 2, "text", None)
 
 
 def test_clipped_surrogate_on_hand_made_numbers():

@@ -31,9 +31,8 @@ from ladi_core.codec import build_inputs_embeds
 from ladi_core.generation import Reasoner
 from ladi_core.tasks import get_task
 
-from .algos.common import group_advantages
 from .algos.grpo import grpo_loss, token_log_probs
-from .algos.ladi import ladi_loss, reference_kl, rescore
+from .algos.ladi import ladi_loss, reference_kl, rescore, text_advantages
 from .common import MetricsLog, hash_int, load_state, save_state, set_threads, step_rng
 from .eval import evaluate, summarize
 from .rl_config import PRESETS, RLConfig
@@ -266,7 +265,8 @@ class Trainer:
             with torch.no_grad():  # the decoder trains here, not the plans
                 prefixes = self.reasoner.prefixes([ro.prompt_embeds[int(r) // m] for r in rows],
                                                   ro.plans.latents[rows])
-            adv = group_advantages(ro.scored.rewards.view(len(ro.prompt_embeds), m * n), clip=cfg.adv_clip)
+            adv = text_advantages(ro.scored.rewards.view(len(ro.prompt_embeds), m * n), n, cfg.text_advantages,
+                                  cfg.adv_clip)
             text_loss, _ = self._token_objective(prefixes, ro.scored, adv, old)
             loss = loss + cfg.text_policy_coef * text_loss
             stats["text_loss"] = text_loss.item()
@@ -349,6 +349,8 @@ def parse_args(argv=None):
                  "grpo_clip", "temperature", "format_weight"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float)
     p.add_argument("--loss-norm", choices=["grpo", "dr_grpo"])
+    p.add_argument("--text-advantages", choices=["question", "plan"],
+                   help="LaDi's text policy: normalise each text's reward over its question's texts or its plan's")
     return p.parse_args(argv)
 
 

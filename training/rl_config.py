@@ -37,6 +37,9 @@ class RLConfig:
     diversity: float = 0.0
     text_policy_coef: float = 0.0  # LaDi: add token-level GRPO on the decoder, given each text's plan
     text_lr: float = 1e-5
+    # the text policy's groups: each text against all M x N texts of its question, or ("plan")
+    # against the N texts of its own plan, so that plan quality is left to the plan policy
+    text_advantages: str = "question"  # question | plan
     # GRPO (token policy)
     grpo_clip: float = 0.2
     loss_norm: str = "grpo"  # grpo | dr_grpo

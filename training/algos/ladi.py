@@ -12,7 +12,7 @@ import torch
 
 from ladi_core.policies import DiffusionPolicy, PlanSample
 
-from .common import clipped_surrogate
+from .common import clipped_surrogate, group_advantages
 
 
 def rescore(policy: DiffusionPolicy, plans: PlanSample, cond: torch.Tensor, mask: torch.Tensor,
@@ -49,3 +49,15 @@ def ladi_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor,
 def reference_kl(means: list[torch.Tensor], ref_means: list[torch.Tensor], stds: list[float]) -> torch.Tensor:
     """Per plan and step: ||mean - mean_ref||^2 / (2 std^2), summed over latent dims: [plans, steps]."""
     return torch.stack([((m - r) ** 2).flatten(1).sum(-1) / (2 * s * s) for m, r, s in zip(means, ref_means, stds)], 1)
+
+
+def text_advantages(rewards: torch.Tensor, samples_per_plan: int, groups: str, clip: float | None) -> torch.Tensor:
+    """The text policy's advantages. rewards: [questions, plans x texts], texts of a plan consecutive.
+    groups="question": normalised over all of a question's texts (a text from a good plan scores
+    high); groups="plan": over the texts of its own plan only (the plan's quality is the plan
+    policy's business, the decoder is credited only for doing better than that plan's other texts)."""
+    if groups == "question":
+        return group_advantages(rewards, clip=clip)
+    if groups == "plan":
+        return group_advantages(rewards.reshape(-1, samples_per_plan), clip=clip).reshape(rewards.shape)
+    raise ValueError(f"text advantages are grouped by 'question' or 'plan', not {groups!r}")
