@@ -1,10 +1,12 @@
 """Small pieces every training entry point uses: batching, schedules, resumable state, logs."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -83,3 +85,27 @@ def open_work_dir(out: Path, config_json: str, resume: bool) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     saved.write_text(config_json)
     return work
+
+
+def checkpoint_stage_parser(prog: str, doc: str, presets: dict, init_help: str) -> argparse.ArgumentParser:
+    """The flags of a supervised stage that turns one checkpoint into another (the writer, the
+    prior's rollout stage); `checkpoint_stage_config` applies them to the chosen preset."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", required=True, help=init_help)
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", choices=sorted(presets), default="demo")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int, help="override the preset's step count")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in <out>.work/")
+    return p
+
+
+def checkpoint_stage_config(presets: dict, args: argparse.Namespace, **extra):
+    """The preset with the stage's flags applied (unset flags leave the preset's values)."""
+    cfg = replace(presets[args.preset], **{k: v for k, v in
+                                           {"seed": args.seed, "threads": args.threads, **extra}.items()
+                                           if v is not None})
+    if args.steps is not None:
+        cfg = replace(cfg, stage=replace(cfg.stage, steps=args.steps))
+    return cfg

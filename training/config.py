@@ -20,6 +20,23 @@ class StageConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointStageConfig:
+    """What every stage that turns one checkpoint into another shares (the writer, the prior's
+    rollout stage): the task, seed, resumable-state cadence and the held-out check at the end."""
+
+    task: str = "countdown"
+    seed: int = 0
+    save_every: int = 200
+    eval_questions: int = 64
+    eval_samples: int = 4
+    max_new_tokens: int = 96
+    threads: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+@dataclass(frozen=True)
 class SFTConfig:
     task: str = "countdown"
     verifier: str | None = None  # for JSONL tasks: math | code

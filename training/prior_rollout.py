@@ -13,43 +13,31 @@ statistics are frozen, bit for bit; the output samples with `denoising_steps` by
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ladi_core import flow
-from ladi_core.checkpoint import command_line, git_commit, load_checkpoint, make_provenance, save_checkpoint
+from ladi_core.checkpoint import command_line, git_commit, load_checkpoint
 from ladi_core.codec import with_plans
 from ladi_core.decoder import load_decoder
 from ladi_core.generation import pad_embeds
 from ladi_core.tasks import get_task
 
-from .common import MetricsLog, open_work_dir, pad_batch, set_threads
-from .config import StageConfig, with_overrides
-from .sft import Examples, quick_eval, run_stage
+from .common import MetricsLog, checkpoint_stage_config, checkpoint_stage_parser, open_work_dir, pad_batch, set_threads
+from .config import CheckpointStageConfig, StageConfig
+from .sft import Examples, finish_checkpoint_stage, run_stage
 
 
 @dataclass(frozen=True)
-class PriorRolloutConfig:
-    task: str = "countdown"
-    seed: int = 0
+class PriorRolloutConfig(CheckpointStageConfig):
     # Measured on the demo task (200 held-out questions x 32 plans, 5 denoising steps) from the
     # writer checkpoint (pass@1 18.2): 600 steps -> 23.5, pass@8 74.6 -> 79.9.
     stage: StageConfig = StageConfig(600, 64, 3e-4, warmup=20)
     denoising_steps: int = 5  # ODE steps a training plan is drawn with (and the output's sampling default)
     flow_matching_weight: float = 1.0  # the prior's own SFT loss, kept beside the answer loss
-    save_every: int = 200
-    eval_questions: int = 64
-    eval_samples: int = 4
-    max_new_tokens: int = 96
-    threads: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
 
 PRESETS: dict[str, PriorRolloutConfig] = {
@@ -88,23 +76,13 @@ def answer_loss_through_plans(decoder, codec, policy, prompts: list[list[int]], 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m training.prior_rollout", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init", required=True, help="a latent checkpoint (the writer's)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=int, help="override the preset's step count")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in <out>.work/")
-    return p.parse_args(argv)
+    return checkpoint_stage_parser("python -m training.prior_rollout", __doc__, PRESETS,
+                                   "a latent checkpoint (the writer's)").parse_args(argv)
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    cfg = with_overrides(PRESETS[args.preset], seed=args.seed, threads=args.threads)
-    if args.steps is not None:
-        cfg = replace(cfg, stage=replace(cfg.stage, steps=args.steps))
+    cfg = checkpoint_stage_config(PRESETS, args)
     set_threads(cfg.threads)
     init, out = Path(args.init), Path(args.out)
     ck = load_checkpoint(init)
@@ -137,12 +115,8 @@ def main(argv=None) -> Path:
     run_stage("prior_rollout", cfg.stage, {"policy": policy}, list(policy.parameters()), loss_fn, cfg, work, log)
     policy.sampler = replace(policy.sampler, steps=cfg.denoising_steps)
     metrics = {"stage": "prior_rollout", "init": str(init), "prior_rollout_s": round(time.time() - t0, 1)}
-    prov = make_provenance(command, cfg.seed, json.loads(cfg.to_json()), metrics, commit)
-    save_checkpoint(out, decoder, tokenizer, prov, task=ck.config.task, codec=codec, policy=policy)
-    quick_eval(out, task, cfg)
-    load_checkpoint(out)  # the written directory must load cleanly
-    log.write(**{**metrics, "stage": "done"})
-    return out
+    return finish_checkpoint_stage(out, decoder, tokenizer, codec, policy, task=task, task_name=ck.config.task,
+                                   cfg=cfg, command=command, commit=commit, metrics=metrics, log=log)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,18 @@ def quick_eval(path: Path, task, cfg: SFTConfig) -> dict:
     return metrics
 
 
+def finish_checkpoint_stage(out: Path, decoder, tokenizer, codec, policy, *, task, task_name: str | None,
+                            cfg, command: str, commit: str | None, metrics: dict, log: MetricsLog) -> Path:
+    """The end of a stage that turns one latent checkpoint into another (the writer, the prior's
+    rollout stage): the checkpoint with its provenance, the held-out check, a clean reload."""
+    prov = make_provenance(command, cfg.seed, json.loads(cfg.to_json()), metrics, commit)
+    save_checkpoint(out, decoder, tokenizer, prov, task=task_name, codec=codec, policy=policy)
+    quick_eval(out, task, cfg)
+    load_checkpoint(out)  # the written directory must load cleanly
+    log.write(**{**metrics, "stage": "done"})
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training.sft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,31 +15,21 @@ one reference solution to write among the many a question has, which the questio
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ladi_core.checkpoint import (
-    command_line,
-    git_commit,
-    load_checkpoint,
-    make_provenance,
-    save_checkpoint,
-)
+from ladi_core.checkpoint import command_line, git_commit, load_checkpoint
 from ladi_core.decoder import load_decoder
 from ladi_core.tasks import get_task
 
-from .common import MetricsLog, open_work_dir, set_threads
-from .config import StageConfig, with_overrides
-from .sft import Examples, latent_reconstruction_loss, quick_eval, run_stage
+from .common import MetricsLog, checkpoint_stage_config, checkpoint_stage_parser, open_work_dir, set_threads
+from .config import CheckpointStageConfig, StageConfig
+from .sft import Examples, finish_checkpoint_stage, latent_reconstruction_loss, run_stage
 
 
 @dataclass(frozen=True)
-class WriterConfig:
-    task: str = "countdown"
-    seed: int = 0
+class WriterConfig(CheckpointStageConfig):
     decoder_from: str | None = None  # a checkpoint whose decoder the writer starts from (default: --init's)
     # Measured on the demo task (200 held-out questions x 32 plans of the demo prior, 20 denoising
     # steps; the question-free decoder: pass@1 4.8): 1500 steps from the latent decoder with noise
@@ -48,14 +38,6 @@ class WriterConfig:
     stage: StageConfig = StageConfig(1500, 64, 1e-3, warmup=50)
     latent_noise: float = 1.0  # on z while training (the latents' std is 1-2): a writer robust to imperfect plans
     token_substitution: float = 0.3  # of the encoder's input tokens (the codec stage's setting)
-    save_every: int = 200
-    eval_questions: int = 64
-    eval_samples: int = 4
-    max_new_tokens: int = 96
-    threads: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
 
 PRESETS: dict[str, WriterConfig] = {
@@ -66,25 +48,16 @@ PRESETS: dict[str, WriterConfig] = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m training.writer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init", required=True, help="a latent checkpoint whose decoder does not see the question")
-    p.add_argument("--out", required=True)
+    p = checkpoint_stage_parser("python -m training.writer", __doc__, PRESETS,
+                                "a latent checkpoint whose decoder does not see the question")
     p.add_argument("--decoder-from", help="start the writer from this checkpoint's decoder (e.g. the token SFT "
                    "one, which already solves the task from the question) instead of --init's")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=int, help="override the preset's step count")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in <out>.work/")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    cfg = with_overrides(PRESETS[args.preset], seed=args.seed, threads=args.threads, decoder_from=args.decoder_from)
-    if args.steps is not None:
-        cfg = replace(cfg, stage=replace(cfg.stage, steps=args.steps))
+    cfg = checkpoint_stage_config(PRESETS, args, decoder_from=args.decoder_from)
     set_threads(cfg.threads)
     init, out = Path(args.init), Path(args.out)
     ck = load_checkpoint(init)
@@ -120,12 +93,8 @@ def main(argv=None) -> Path:
               list(decoder.parameters()) + list(codec.adapter.parameters()), writer_loss, cfg, work, log)
     metrics = {"stage": "writer", "init": str(init), "decoder_from": str(source.path),
                "writer_s": round(time.time() - t0, 1)}
-    prov = make_provenance(command, cfg.seed, json.loads(cfg.to_json()), metrics, commit)
-    save_checkpoint(out, decoder, tokenizer, prov, task=ck.config.task, codec=codec, policy=policy)
-    quick_eval(out, task, cfg)
-    load_checkpoint(out)  # the written directory must load cleanly
-    log.write(**{**metrics, "stage": "done"})
-    return out
+    return finish_checkpoint_stage(out, decoder, tokenizer, codec, policy, task=task, task_name=ck.config.task,
+                                   cfg=cfg, command=command, commit=commit, metrics=metrics, log=log)
 
 
 if __name__ == "__main__":
