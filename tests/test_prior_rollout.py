@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from ladi_core.checkpoint import load_checkpoint
 from ladi_core.decoder import load_decoder
+from ladi_core.generation import pad_embeds
 from ladi_core.tasks import get_task
 from training import prior_rollout
 from training.sft import Examples
@@ -25,7 +26,10 @@ def test_the_answer_loss_flows_through_every_denoising_step_into_the_prior(laten
     decoder, tok = load_decoder(ck.decoder_dir)
     prompts, comps = Examples(get_task("countdown"), tok).batch(4, random.Random(0))
     gen = torch.Generator().manual_seed(0)
-    loss = prior_rollout.answer_loss_through_plans(decoder, ck.codec, ck.policy, prompts, comps, 3, gen)
+    prompt_embeds = [decoder.get_input_embeddings()(torch.tensor(p)) for p in prompts]
+    cond, cond_mask = pad_embeds(prompt_embeds)
+    loss = prior_rollout.answer_loss_through_plans(decoder, ck.codec, ck.policy, prompt_embeds, cond, cond_mask,
+                                                   comps, 3, gen)
     loss.backward()
     den = ck.policy.denoiser
     # the question encoder and the last block's output head both get a gradient: the loss went

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .config import with_overrides
+
 
 def set_threads(n: int) -> None:
     if n > 0:
@@ -103,9 +105,7 @@ def checkpoint_stage_parser(prog: str, doc: str, presets: dict, init_help: str) 
 
 def checkpoint_stage_config(presets: dict, args: argparse.Namespace, **extra):
     """The preset with the stage's flags applied (unset flags leave the preset's values)."""
-    cfg = replace(presets[args.preset], **{k: v for k, v in
-                                           {"seed": args.seed, "threads": args.threads, **extra}.items()
-                                           if v is not None})
+    cfg = with_overrides(presets[args.preset], seed=args.seed, threads=args.threads, **extra)
     if args.steps is not None:
         cfg = replace(cfg, stage=replace(cfg.stage, steps=args.steps))
     return cfg

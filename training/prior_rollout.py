@@ -5,7 +5,7 @@
 
 Flow matching teaches the prior where reference posteriors lie, not which of its own samples the
 decoder can use: a plan a little off the posterior can decode to nonsense. Here the prior draws a
-plan from noise with the sampler's own denoising step (`DiffusionPolicy.step`, the ODE, as many
+plan from noise with the sampler itself (`DiffusionPolicy.sample`, the ODE, as many
 steps as serving uses), the decoder reads `[prompt; bot; adapter(plan); eot]`, and the cross-entropy
 of a reference solution flows back through every denoising step into the denoiser. The flow-matching
 loss stays in the objective (LaDiR: against latent collapse). The decoder, the codec and the latent
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from ladi_core import flow
 from ladi_core.checkpoint import command_line, git_commit, load_checkpoint
 from ladi_core.codec import with_plans
 from ladi_core.decoder import load_decoder
@@ -47,26 +46,14 @@ PRESETS: dict[str, PriorRolloutConfig] = {
 }
 
 
-def sampled_plans(policy, cond: torch.Tensor, cond_mask: torch.Tensor, steps: int,
-                  generator: torch.Generator) -> torch.Tensor:
-    """One plan per question by the sampler's ODE, differentiable in the denoiser's parameters."""
-    sc = replace(policy.sampler, steps=steps)
-    ctx = policy.context(cond, cond_mask)
-    x = torch.randn((cond.shape[0], policy.cfg.latent_tokens, policy.cfg.latent_dim), generator=generator)
-    x = x * sc.init_noise_scale
-    sigmas = flow.sigma_schedule(sc.steps, sc.shift)
-    for i in range(sc.steps):
-        x, *_ = policy.step(x, float(sigmas[i]), float(sigmas[i + 1]), ctx, sc, 1, sde=False)
-    return x
-
-
-def answer_loss_through_plans(decoder, codec, policy, prompts: list[list[int]], comps: list[list[int]],
-                              steps: int, gen: torch.Generator) -> torch.Tensor:
-    """Cross-entropy of each reference completion given a plan the prior drew for its question."""
+def answer_loss_through_plans(decoder, codec, policy, prompt_embeds: list[torch.Tensor], cond: torch.Tensor,
+                              cond_mask: torch.Tensor, comps: list[list[int]], steps: int,
+                              gen: torch.Generator) -> torch.Tensor:
+    """Cross-entropy of each reference completion given a plan the prior drew for its question
+    (`DiffusionPolicy.sample`'s ODE, with the gradient kept through every step into the denoiser).
+    cond, cond_mask: the padded prompt embeddings, the condition every sample reads."""
     embed = decoder.get_input_embeddings()
-    prompt_embeds = [embed(torch.tensor(p)) for p in prompts]
-    cond, cond_mask = pad_embeds(prompt_embeds)  # the condition every sample reads (`Reasoner.sample_plans`)
-    plans = codec.plan_embeds(sampled_plans(policy, cond, cond_mask, steps, gen))
+    plans = codec.plan_embeds(policy.sample(cond, cond_mask, 1, generator=gen, steps=steps).latents)
     prefixes = with_plans(prompt_embeds, plans, codec.cfg.decoder_sees_question)
     rows = [torch.cat([pre, embed(torch.tensor(c))]) for pre, c in zip(prefixes, comps)]
     labels = [[-100] * pre.shape[0] + c for pre, c in zip(prefixes, comps)]
@@ -103,11 +90,13 @@ def main(argv=None) -> Path:
 
     def loss_fn(rng, gen, progress):
         prompts, comps = data.batch(cfg.stage.batch_size, rng)
-        ce = answer_loss_through_plans(decoder, codec, policy, prompts, comps, cfg.denoising_steps, gen)
+        prompt_embeds = [embed(torch.tensor(p)) for p in prompts]  # frozen: no gradient
+        cond, cond_mask = pad_embeds(prompt_embeds)
+        ce = answer_loss_through_plans(decoder, codec, policy, prompt_embeds, cond, cond_mask, comps,
+                                       cfg.denoising_steps, gen)
         ids, mask = pad_batch([p + c for p, c in zip(prompts, comps)], pad)
         with torch.no_grad():
             mu, _ = codec.encoder(embed(ids), mask)
-            cond, cond_mask = pad_embeds([embed(torch.tensor(p)) for p in prompts])
         fm = policy.flow_matching_loss(codec.normalize(mu), cond, cond_mask, gen)
         return ce + cfg.flow_matching_weight * fm, {"ce": round(ce.item(), 5), "fm": round(fm.item(), 5)}
 
