@@ -1,7 +1,7 @@
 """LaDiR's stage 2 (rollout training): the prior learns from the decoder's answer loss, through its own plans.
 
     python -m training.prior_rollout --init checkpoints/demo-ladir --out checkpoints/demo-ladir-s2 \
-        [--preset demo] [--seed S] [--steps N] [--resume]
+        [--preset demo] [--seed S] [--steps N] [--references K] [--resume]
 
 Flow matching teaches the prior where reference posteriors lie, not which of its own samples the
 decoder can use: a plan a little off the posterior can decode to nonsense. Here the prior draws a
@@ -37,6 +37,7 @@ class PriorRolloutConfig(CheckpointStageConfig):
     stage: StageConfig = StageConfig(600, 64, 3e-4, warmup=20)
     denoising_steps: int = 5  # ODE steps a training plan is drawn with (and the output's sampling default)
     flow_matching_weight: float = 1.0  # the prior's own SFT loss, kept beside the answer loss
+    references: int = 1  # reference solutions per question the answer loss takes the best of
 
 
 PRESETS: dict[str, PriorRolloutConfig] = {
@@ -47,29 +48,47 @@ PRESETS: dict[str, PriorRolloutConfig] = {
 
 
 def answer_loss_through_plans(decoder, codec, policy, prompt_embeds: list[torch.Tensor], cond: torch.Tensor,
-                              cond_mask: torch.Tensor, comps: list[list[int]], steps: int,
+                              cond_mask: torch.Tensor, refs: list[list[list[int]]], steps: int,
                               gen: torch.Generator) -> torch.Tensor:
-    """Cross-entropy of each reference completion given a plan the prior drew for its question
+    """Cross-entropy of a reference completion given a plan the prior drew for its question
     (`DiffusionPolicy.sample`'s ODE, with the gradient kept through every step into the denoiser).
+    refs: each question's reference completions; a plan is scored by the one it explains best
+    (per-token mean), so plans drawn from different noise may settle on different solutions
+    instead of all being pulled to one. The loss is token-weighted over the chosen references
+    (with one reference each: the decoder's own mean cross-entropy).
     cond, cond_mask: the padded prompt embeddings, the condition every sample reads."""
     embed = decoder.get_input_embeddings()
     plans = codec.plan_embeds(policy.sample(cond, cond_mask, 1, generator=gen, steps=steps).latents)
     prefixes = with_plans(prompt_embeds, plans, codec.cfg.decoder_sees_question)
-    rows = [torch.cat([pre, embed(torch.tensor(c))]) for pre, c in zip(prefixes, comps)]
-    labels = [[-100] * pre.shape[0] + c for pre, c in zip(prefixes, comps)]
+    k = len(refs[0])
+    if any(len(r) != k for r in refs):
+        raise ValueError("every question needs the same number of references")
+    rows = [torch.cat([pre, embed(torch.tensor(c))]) for pre, rs in zip(prefixes, refs) for c in rs]
+    labels = [[-100] * pre.shape[0] + c for pre, rs in zip(prefixes, refs) for c in rs]
     x, mask = pad_embeds(rows)
     lab, _ = pad_batch(labels, -100)
-    return decoder(inputs_embeds=x, attention_mask=mask.long(), labels=lab).loss
+    logits = decoder(inputs_embeds=x, attention_mask=mask.long()).logits[:, :-1].float()
+    target = lab[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    sums = ce.sum(1).view(len(refs), k)
+    counts = (target != -100).sum(1).view(len(refs), k)
+    best = (sums / counts).argmin(1, keepdim=True)  # which reference each plan explains best
+    return sums.gather(1, best).sum() / counts.gather(1, best).sum()
 
 
 def parse_args(argv=None):
-    return checkpoint_stage_parser("python -m training.prior_rollout", __doc__, PRESETS,
-                                   "a latent checkpoint (the writer's)").parse_args(argv)
+    p = checkpoint_stage_parser("python -m training.prior_rollout", __doc__, PRESETS,
+                                "a latent checkpoint (the writer's)")
+    p.add_argument("--references", type=int,
+                   help="reference solutions per question; each plan's answer loss takes the one it explains best")
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    cfg = checkpoint_stage_config(PRESETS, args)
+    cfg = checkpoint_stage_config(PRESETS, args, references=args.references)
+    if cfg.references < 1:
+        raise SystemExit("--references must be at least 1")
     set_threads(cfg.threads)
     init, out = Path(args.init), Path(args.out)
     ck = load_checkpoint(init)
@@ -89,12 +108,12 @@ def main(argv=None) -> Path:
     data, pad = Examples(task, tokenizer), tokenizer.pad_token_id
 
     def loss_fn(rng, gen, progress):
-        prompts, comps = data.batch(cfg.stage.batch_size, rng)
+        prompts, refs = data.batch_with_references(cfg.stage.batch_size, rng, cfg.references)
         prompt_embeds = [embed(torch.tensor(p)) for p in prompts]  # frozen: no gradient
         cond, cond_mask = pad_embeds(prompt_embeds)
-        ce = answer_loss_through_plans(decoder, codec, policy, prompt_embeds, cond, cond_mask, comps,
+        ce = answer_loss_through_plans(decoder, codec, policy, prompt_embeds, cond, cond_mask, refs,
                                        cfg.denoising_steps, gen)
-        ids, mask = pad_batch([p + c for p, c in zip(prompts, comps)], pad)
+        ids, mask = pad_batch([p + rs[0] for p, rs in zip(prompts, refs)], pad)
         with torch.no_grad():
             mu, _ = codec.encoder(embed(ids), mask)
         fm = policy.flow_matching_loss(codec.normalize(mu), cond, cond_mask, gen)

@@ -50,6 +50,18 @@ class Examples:
         comps = [c + [self.eos] for c in comps]
         return prompts, comps
 
+    def batch_with_references(self, n: int, rng, k: int) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """`batch`, with k reference completions per question: distinct solutions while the
+        question has them, then repeats (a repeat changes no minimum over references)."""
+        qs = self.task.questions("train", n, seed=rng.randrange(2**31))
+        prompts = self.tok([chat_prompt(self.tok, q.prompt) for q in qs], add_special_tokens=False).input_ids
+        refs = []
+        for q in qs:
+            sols = rng.sample(list(q.solutions), min(k, len(q.solutions))) if q.solutions else []
+            sols += [self.task.sample_solution(q, rng) for _ in range(k - len(sols))]
+            refs.append([c + [self.eos] for c in self.tok(sols, add_special_tokens=False).input_ids])
+        return prompts, refs
+
 
 def run_stage(name: str, sc: StageConfig, modules: dict[str, torch.nn.Module], params: list,
               loss_fn: Callable, cfg: SFTConfig, work: Path, log: MetricsLog) -> None:
