@@ -44,20 +44,19 @@ class Examples:
         self.eos = tokenizer.eos_token_id
 
     def batch(self, n: int, rng) -> tuple[list[list[int]], list[list[int]]]:
-        qs = self.task.questions("train", n, seed=rng.randrange(2**31))
-        prompts = self.tok([chat_prompt(self.tok, q.prompt) for q in qs], add_special_tokens=False).input_ids
-        comps = self.tok([self.task.sample_solution(q, rng) for q in qs], add_special_tokens=False).input_ids
-        comps = [c + [self.eos] for c in comps]
-        return prompts, comps
+        prompts, refs = self.batch_with_references(n, rng, 1)
+        return prompts, [rs[0] for rs in refs]
 
     def batch_with_references(self, n: int, rng, k: int) -> tuple[list[list[int]], list[list[list[int]]]]:
         """`batch`, with k reference completions per question: distinct solutions while the
-        question has them, then repeats (a repeat changes no minimum over references)."""
+        question has them, then repeats (a repeat changes no minimum over references). With k=1
+        it draws exactly what one random solution per question would (`rng.sample(s, 1)` is
+        `rng.choice(s)`)."""
         qs = self.task.questions("train", n, seed=rng.randrange(2**31))
         prompts = self.tok([chat_prompt(self.tok, q.prompt) for q in qs], add_special_tokens=False).input_ids
         refs = []
         for q in qs:
-            sols = rng.sample(list(q.solutions), min(k, len(q.solutions))) if q.solutions else []
+            sols = rng.sample(list(q.solutions), min(k, len(q.solutions)))
             sols += [self.task.sample_solution(q, rng) for _ in range(k - len(sols))]
             refs.append([c + [self.eos] for c in self.tok(sols, add_special_tokens=False).input_ids])
         return prompts, refs
