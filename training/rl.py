@@ -12,7 +12,6 @@ ladi.json), resumable state to <out>.work/ (--resume).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -27,16 +26,14 @@ from tqdm import tqdm
 from ladi_core.backends import SamplingParams
 from ladi_core.backends.vllm import add_option_arguments, options_from_arguments
 from ladi_core.checkpoint import command_line, git_commit, make_provenance, save_checkpoint, update_metrics
-from ladi_core.codec import build_inputs_embeds
 from ladi_core.generation import Reasoner
 from ladi_core.tasks import get_task
 
-from .algos.grpo import grpo_loss, token_log_probs
-from .algos.ladi import ladi_loss, reference_kl, rescore, text_advantages
+from .algos import ALGORITHMS
 from .common import MetricsLog, hash_int, load_state, save_state, set_threads, step_rng
 from .eval import evaluate, summarize
+from .rewards import default_rewards
 from .rl_config import PRESETS, RLConfig
-from .rollout import completion_ids, latent_rollout, token_rollout
 
 
 class Dist:
@@ -92,6 +89,9 @@ def distinct_answers(answers: list[list[str | None]]) -> float:
 
 
 class Trainer:
+    """The loop every algorithm shares: rollouts, optimiser steps, logging, checkpoints, resume,
+    data parallelism and the final evaluation. What differs per method lives in `self.algo`."""
+
     def __init__(self, cfg: RLConfig, init: Path, out: Path, command: str, resume: bool):
         self.cfg, self.out, self.command = cfg, out, command
         self.dist = Dist()
@@ -101,29 +101,11 @@ class Trainer:
         self.work = out.with_name(out.name + ".work")
         self.task = get_task(cfg.task, cfg.verifier)
         self.reasoner = Reasoner.from_checkpoint(init)
-        ck = self.reasoner.checkpoint
-        self.decoder = self.reasoner.backend.model
-        if cfg.algo == "ladi":
-            if not ck.is_latent:
-                raise SystemExit(f"--algo ladi needs a latent checkpoint; {init} is token-level")
-            # train mode throughout: the denoiser has no dropout, so a rollout's log-probs and the
-            # loss's re-scoring see the same function.
-            self.policy = ck.policy.train()
-            ck.codec.requires_grad_(False)
-            self.decoder.requires_grad_(cfg.text_policy_coef > 0)
-            groups = [{"params": list(self.policy.parameters()), "lr": cfg.lr}]
-            if cfg.text_policy_coef > 0:
-                groups.append({"params": list(self.decoder.parameters()), "lr": cfg.text_lr})
-            self.ref = copy.deepcopy(self.policy).eval() if cfg.kl_beta else None
-        elif cfg.algo == "grpo":
-            if ck.is_latent:
-                raise SystemExit(f"--algo grpo trains a token-level checkpoint; {init} is latent (use its -token twin)")
-            groups = [{"params": list(self.decoder.parameters()), "lr": cfg.lr}]
-            self.ref = copy.deepcopy(self.decoder).eval() if cfg.kl_beta else None
-        else:
-            raise SystemExit(f"unknown --algo {cfg.algo!r}: use ladi or grpo")
-        self.decoder_trains = cfg.algo == "grpo" or cfg.text_policy_coef > 0
+        self.decoder = self.reasoner.backend.trainable_decoder()
+        self.algo = ALGORITHMS[cfg.algo](cfg, self.reasoner, self.decoder, self.task.verifier,
+                                         default_rewards(cfg.format_weight))
         self.rollout = self._rollout_reasoner()
+        groups = self.algo.param_groups()
         self.params = [p for g in groups for p in g["params"]]
         self.opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.99))
         self.start = 0
@@ -144,25 +126,22 @@ class Trainer:
         cfg = self.cfg
         if cfg.rollout_backend == "transformers":
             return self.reasoner
-        if cfg.rollout_backend != "vllm":
-            raise SystemExit(f"unknown --rollout-backend {cfg.rollout_backend!r}: use transformers or vllm")
         from ladi_core.backends.vllm import VLLMBackend
 
         ck = self.reasoner.checkpoint
         if self.decoder.dtype != torch.float32 and cfg.vllm.dtype == "float32":
             raise SystemExit(f"the decoder trains in {self.decoder.dtype}; set --vllm-dtype to match")
         backend = VLLMBackend(ck.decoder_dir, ck.tokenizer, cfg.vllm)
-        if self.decoder_trains and not backend.supports_weight_updates:
+        if self.algo.decoder_training and not backend.supports_weight_updates:
             backend.close()
-            what = "--algo grpo" if cfg.algo == "grpo" else "--text-policy-coef > 0"
-            raise SystemExit(f"{what} trains the decoder, and this vLLM build cannot take new weights in place "
-                             "(vLLM's CPU build repacks linear layers at load): use --rollout-backend transformers "
-                             "here, or a GPU build of vLLM")
+            raise SystemExit(f"{self.algo.decoder_training} trains the decoder, and this vLLM build cannot take new "
+                             "weights in place (vLLM's CPU build repacks linear layers at load): use "
+                             "--rollout-backend transformers here, or a GPU build of vLLM")
         return Reasoner(ck, backend, embed_tokens=self.decoder.get_input_embeddings())
 
     def _push_decoder(self) -> None:
         """The engine decodes with the weights being trained (on-policy rollouts)."""
-        if self.rollout is not self.reasoner and self.decoder_trains:
+        if self.rollout is not self.reasoner and self.algo.decoder_training:
             self.rollout.backend.update_weights(self.decoder.state_dict())
 
     def close(self) -> None:
@@ -170,21 +149,15 @@ class Trainer:
             self.rollout.backend.close()
 
     # --- state ---------------------------------------------------------------------------------
-    def _modules(self) -> dict[str, torch.nn.Module]:
-        mods = {"decoder": self.decoder}
-        if self.cfg.algo == "ladi":
-            mods["policy"] = self.policy
-        return mods
-
     def _save_state(self, step: int) -> None:
         save_state(self.work / "rl_state.pt", step=step, optimizer=self.opt.state_dict(),
-                   modules={k: m.state_dict() for k, m in self._modules().items()})
+                   modules={k: m.state_dict() for k, m in self.algo.trainable_modules().items()})
 
     def _load_state(self) -> None:
         state = load_state(self.work / "rl_state.pt")
         if state is None:
             raise SystemExit(f"--resume: no saved state in {self.work}")
-        for k, m in self._modules().items():
+        for k, m in self.algo.trainable_modules().items():
             m.load_state_dict(state["modules"][k])
         self.opt.load_state_dict(state["optimizer"])
         self.start = state["step"]
@@ -196,7 +169,7 @@ class Trainer:
         prov = make_provenance(self.command, self.cfg.seed, json.loads(self.cfg.to_json()),
                                {"algo": self.cfg.algo, "init": str(ck.path), **metrics}, self.commit)
         save_checkpoint(self.out, self.decoder, self.reasoner.tokenizer, prov, task=ck.config.task,
-                        codec=ck.codec if ck.is_latent else None, policy=ck.policy if ck.is_latent else None)
+                        **self.algo.checkpoint_parts())
 
     # --- one step ------------------------------------------------------------------------------
     def _questions(self, step: int):
@@ -211,85 +184,35 @@ class Trainer:
         cfg = self.cfg
         t0 = time.time()
         questions, seeds, gen = self._questions(step)
-        params = SamplingParams(cfg.temperature, 1.0, cfg.max_new_tokens)
-        if cfg.algo == "ladi":
-            ro = latent_rollout(self.rollout, questions, self.task.verifier, plans=cfg.plans,
-                                samples_per_plan=cfg.samples_per_plan, params=params, seeds=seeds, generator=gen,
-                                steps=cfg.train_denoising_steps, noise_level=cfg.noise_level, guidance=cfg.guidance,
-                                diversity=cfg.diversity, format_weight=cfg.format_weight, adv_clip=cfg.adv_clip)
-            scored, groups_u = ro.scored, ro.utility
-        else:
-            ro = token_rollout(self.rollout, questions, self.task.verifier, group=cfg.plans * cfg.samples_per_plan,
-                               params=params, seeds=seeds, format_weight=cfg.format_weight, adv_clip=cfg.adv_clip)
-            scored, groups_u = ro.scored, ro.scored.rewards
+        ro = self.algo.rollout(self.rollout, questions, seeds, gen, SamplingParams(cfg.temperature, 1.0,
+                                                                                   cfg.max_new_tokens))
         t_roll = time.time() - t0
         stats: dict[str, float] = {}
         old: dict[str, torch.Tensor] = {}  # log-probs of the rollout policy, fixed at the first epoch
         for _ in range(cfg.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
-            loss, s = self._ladi_loss(ro, old) if cfg.algo == "ladi" else self._grpo_loss(ro, old)
+            loss, s = self.algo.loss(ro, old)
             loss.backward()
             self.dist.all_reduce_grads(self.params)
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
             stats = {**s, "policy_loss": loss.item()}
         self._push_decoder()
+        scored = ro.scored
         rewards = scored.rewards
         texts = rewards.numel()
         metrics = {
             "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-            "zero_std_groups": (groups_u.std(-1, unbiased=False) == 0).float().mean().item(),
+            **{f"reward_{k}": v for k, v in scored.components.items()},
+            "zero_std_groups": (ro.group_values.std(-1, unbiased=False) == 0).float().mean().item(),
             "token_entropy": token_entropy(scored.decoded), "distinct_answers": distinct_answers(scored.answers),
-            "plan_diversity": ro.plan_distance if cfg.algo == "ladi" else 0.0, **stats,
+            "plan_diversity": ro.plan_distance, "texts": texts * self.dist.world, **stats,
         }
         metrics = self.dist.mean(metrics)
         elapsed = time.time() - t0
         metrics.update(step=step, samples_per_s=round(texts * self.dist.world / elapsed, 2),
                        step_s=round(elapsed, 3), rollout_s=round(t_roll, 3))
         return metrics
-
-    def _ladi_loss(self, ro, old: dict):
-        cfg = self.cfg
-        logp, means, stds = rescore(self.policy, ro.plans, ro.cond, ro.cond_mask, guidance=cfg.guidance,
-                                    diversity=cfg.diversity, noise_level=cfg.noise_level)
-        kl = None
-        if self.ref is not None:
-            with torch.no_grad():
-                _, ref_means, _ = rescore(self.ref, ro.plans, ro.cond, ro.cond_mask, guidance=cfg.guidance,
-                                          diversity=cfg.diversity, noise_level=cfg.noise_level)
-            kl = reference_kl(means, ref_means, stds)
-        loss, stats = ladi_loss(logp, ro.plans.log_probs, ro.advantages.flatten(), cfg.clip, kl, cfg.kl_beta)
-        if cfg.text_policy_coef > 0:
-            m, n = cfg.plans, cfg.samples_per_plan
-            rows = torch.arange(len(ro.prompt_embeds) * m).repeat_interleave(n)  # (question, plan) per text
-            with torch.no_grad():  # the decoder trains here, not the plans
-                prefixes = self.reasoner.prefixes([ro.prompt_embeds[int(r) // m] for r in rows],
-                                                  ro.plans.latents[rows])
-            adv = text_advantages(ro.scored.rewards.view(len(ro.prompt_embeds), m * n), n, cfg.text_advantages,
-                                  cfg.adv_clip)
-            text_loss, _ = self._token_objective(prefixes, ro.scored, adv, old)
-            loss = loss + cfg.text_policy_coef * text_loss
-            stats["text_loss"] = text_loss.item()
-        return loss, stats
-
-    def _token_objective(self, prefixes, scored, adv, old: dict):
-        cfg = self.cfg
-        eos = self.reasoner.tokenizer.eos_token_id
-        comps = [completion_ids(d, eos) for row in scored.decoded for d in row]
-        logp, mask = token_log_probs(self.decoder, prefixes, comps, cfg.temperature)
-        ref = None
-        if cfg.algo == "grpo" and self.ref is not None:
-            with torch.no_grad():
-                ref, _ = token_log_probs(self.ref, prefixes, comps, cfg.temperature)
-        # the behaviour policy's log-probs: the first epoch's own, so its ratio is exactly 1
-        logp_old = old.setdefault("tokens", logp.detach())
-        return grpo_loss(logp, logp_old, adv.flatten(), mask, cfg.grpo_clip, cfg.loss_norm, cfg.max_new_tokens, ref,
-                         cfg.kl_beta)
-
-    def _grpo_loss(self, ro, old: dict):
-        g = self.cfg.plans * self.cfg.samples_per_plan
-        embeds = build_inputs_embeds(self.decoder.get_input_embeddings(), ro.prompt_ids)  # with grad
-        return self._token_objective([e for e in embeds for _ in range(g)], ro.scored, ro.advantages, old)
 
     # --- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -330,7 +253,7 @@ class Trainer:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training.rl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algo", choices=["ladi", "grpo"], required=True)
+    p.add_argument("--algo", choices=sorted(ALGORITHMS), required=True)
     p.add_argument("--init", required=True, help="checkpoint to start from (latent for ladi, token-level for grpo)")
     p.add_argument("--out", required=True)
     p.add_argument("--task", default="countdown")

@@ -6,14 +6,15 @@ G = M x N texts) and share every budget field, so one evaluation judges them on 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Literal, get_args, get_type_hints
 
 from ladi_core.backends.vllm import VLLMOptions
 
 
 @dataclass(frozen=True)
 class RLConfig:
-    algo: str = "ladi"  # ladi | grpo
+    algo: Literal["ladi", "grpo"] = "ladi"
     task: str = "countdown"
     verifier: str | None = None
     seed: int = 0
@@ -39,18 +40,24 @@ class RLConfig:
     text_lr: float = 1e-5
     # the text policy's groups: each text against all M x N texts of its question, or ("plan")
     # against the N texts of its own plan, so that plan quality is left to the plan policy
-    text_advantages: str = "question"  # question | plan
+    text_advantages: Literal["question", "plan"] = "question"
     # GRPO (token policy)
     grpo_clip: float = 0.2
-    loss_norm: str = "grpo"  # grpo | dr_grpo
+    loss_norm: Literal["grpo", "dr_grpo"] = "grpo"
     # bookkeeping
     save_every: int = 50
     eval_questions: int = 100
     eval_k: tuple[int, ...] = (1, 8)
     threads: int = 0
-    rollout_backend: str = "transformers"  # transformers | vllm (texts decoded by a vLLM engine)
+    rollout_backend: Literal["transformers", "vllm"] = "transformers"  # vllm: texts decoded by a vLLM engine
     vllm: VLLMOptions = VLLMOptions(dtype="float32", max_model_len=512, cpu_kvcache_space_gib=2)
-    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        """The Literal fields are checked here, not only by argparse: presets and code build configs too."""
+        for name, hint in get_type_hints(type(self)).items():
+            allowed = get_args(hint) if getattr(hint, "__origin__", None) is Literal else ()
+            if allowed and getattr(self, name) not in allowed:
+                raise ValueError(f"RLConfig.{name} is {getattr(self, name)!r}: use one of {', '.join(allowed)}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -20,29 +20,36 @@ from ladi_core.tasks import Question
 from ladi_core.verifiers import Verifier
 
 from .algos.common import group_advantages
+from .rewards import RewardFn
 
 
 @dataclass
 class Scored:
     decoded: list[list[Decoded]]  # [rows][samples]
-    rewards: torch.Tensor  # [Q, G]: correctness (+ format_weight * format)
+    rewards: torch.Tensor  # [Q, G]: the weighted sum of the reward functions
     answers: list[list[str | None]]  # [Q][G]
+    components: dict[str, float]  # each reward function's mean weighted value
 
 
 def score(questions: list[Question], decoded: list[list[Decoded]], per_question: int, verifier: Verifier,
-          format_weight: float) -> Scored:
+          rewards: list[RewardFn]) -> Scored:
     """decoded rows are question-major; each question owns `per_question` consecutive texts."""
     flat = [d for row in decoded for d in row]
-    rewards, answers = [], []
+    totals, answers = [], []
+    parts = {f.name: 0.0 for f in rewards}
     for q_i, q in enumerate(questions):
         rs, ans = [], []
         for d in flat[q_i * per_question:(q_i + 1) * per_question]:
-            r = verifier.score(d.text, q.reference)
-            rs.append(r.correct + format_weight * r.format)
-            ans.append(r.answer)
-        rewards.append(rs)
+            verdict = verifier.score(d.text, q.reference)
+            values = [f(verdict, d.text, q) for f in rewards]
+            for f, v in zip(rewards, values):
+                parts[f.name] += v
+            rs.append(sum(values))
+            ans.append(verdict.answer)
+        totals.append(rs)
         answers.append(ans)
-    return Scored(decoded, torch.tensor(rewards, dtype=torch.float32), answers)
+    n = max(1, len(questions) * per_question)
+    return Scored(decoded, torch.tensor(totals, dtype=torch.float32), answers, {k: v / n for k, v in parts.items()})
 
 
 def seeded_params(base: SamplingParams, seeds: list[int]) -> list[SamplingParams]:
@@ -62,22 +69,27 @@ class LatentRollout:
     advantages: torch.Tensor  # [Q, M]
     plan_distance: float
 
+    @property
+    def group_values(self) -> torch.Tensor:
+        """What each group's advantages normalise (a group of equal values teaches nothing)."""
+        return self.utility
+
 
 @torch.no_grad()
 def latent_rollout(reasoner: Reasoner, questions: list[Question], verifier: Verifier, *, plans: int,
                    samples_per_plan: int, params: SamplingParams, seeds: list[int], generator: torch.Generator,
-                   steps: int, noise_level: float, guidance: float, diversity: float, format_weight: float = 0.0,
-                   adv_clip: float | None = None) -> LatentRollout:
+                   rewards: list[RewardFn], sampler: dict | None = None, adv_clip: float | None = None,
+                   ) -> LatentRollout:
+    """sampler: the plan policy's sampling overrides (a diffusion policy's steps, noise level, ...)."""
     m, n = plans, samples_per_plan
     embeds = reasoner.prompt_embeds(reasoner.prompt_ids([q.prompt for q in questions]))
     cond, mask = pad_embeds(embeds)
-    sample = reasoner.checkpoint.policy.sample(cond, mask, m, generator=generator, sde=True, steps=steps,
-                                               noise_level=noise_level, guidance=guidance, diversity=diversity)
+    sample = reasoner.checkpoint.policy.sample(cond, mask, m, generator=generator, sde=True, **(sampler or {}))
     rows = [e for e in embeds for _ in range(m)]
     # each plan its own streams: plan j's texts take seeds s + j*n .. s + j*n + n-1 (vLLM seeds child i with seed + i)
     decoded = reasoner.decode(rows, sample.latents, n,
                               seeded_params(params, [s + j * n for s in seeds for j in range(m)]))
-    scored = score(questions, decoded, m * n, verifier, format_weight)
+    scored = score(questions, decoded, m * n, verifier, rewards)
     utility = scored.rewards.view(len(questions), m, n).mean(-1)
     dist = sum(mean_pairwise_distance(sample.latents[i * m:(i + 1) * m]) for i in range(len(questions)))
     return LatentRollout(embeds, cond.repeat_interleave(m, 0), mask.repeat_interleave(m, 0), sample, scored,
@@ -90,16 +102,21 @@ class TokenRollout:
     prompt_embeds: list[torch.Tensor]
     scored: Scored  # rewards [Q, G]
     advantages: torch.Tensor  # [Q, G]
+    plan_distance: float = 0.0  # no plans
+
+    @property
+    def group_values(self) -> torch.Tensor:
+        return self.scored.rewards
 
 
 @torch.no_grad()
 def token_rollout(reasoner: Reasoner, questions: list[Question], verifier: Verifier, *, group: int,
-                  params: SamplingParams, seeds: list[int], format_weight: float = 0.0,
+                  params: SamplingParams, seeds: list[int], rewards: list[RewardFn],
                   adv_clip: float | None = None) -> TokenRollout:
     ids = reasoner.prompt_ids([q.prompt for q in questions])
     embeds = reasoner.prompt_embeds(ids)
     decoded = reasoner.decode(embeds, None, group, seeded_params(params, seeds))
-    scored = score(questions, decoded, group, verifier, format_weight)
+    scored = score(questions, decoded, group, verifier, rewards)
     return TokenRollout(ids, embeds, scored, group_advantages(scored.rewards, clip=adv_clip))
 
 

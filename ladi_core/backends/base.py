@@ -85,6 +85,11 @@ class DecoderBackend(Protocol):
         """The decoder's token-embedding module when it lives in this process (shared, not copied)."""
         ...
 
+    def trainable_decoder(self) -> torch.nn.Module | None:
+        """The decoder module that training updates in place, when it lives in this process (None
+        for an engine that holds its own copy of the weights and takes them by `update_weights`)."""
+        ...
+
     def dead(self) -> str | None:
         """Why this backend can no longer decode (its engine died), or None while it can."""
         ...

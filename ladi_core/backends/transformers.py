@@ -48,6 +48,9 @@ class TransformersBackend:
     def input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
 
+    def trainable_decoder(self) -> torch.nn.Module:
+        return self.model
+
     def dead(self) -> str | None:
         return None  # the model lives in this process: it dies with it
 

@@ -259,6 +259,9 @@ class VLLMBackend:
     def input_embeddings(self) -> torch.nn.Module:
         return self._embed
 
+    def trainable_decoder(self) -> None:
+        return None  # the engine holds its own weights: training pushes them with update_weights
+
     def dead(self) -> str | None:
         """vLLM's engine core runs in a process of its own; once it is gone every request fails."""
         engine = self.engine

@@ -1,1 +1,11 @@
-"""RL objectives, as pure functions of log-probabilities and advantages (no rollouts, no loops)."""
+"""RL methods, one class each behind `Algorithm` (base.py); the objectives are pure functions of
+log-probabilities and advantages beside them. `ALGORITHMS` is what `--algo` chooses from."""
+from __future__ import annotations
+
+from .base import Algorithm, Rollout
+from .grpo import GRPO
+from .ladi import LadiRL
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (LadiRL, GRPO)}
+
+__all__ = ["ALGORITHMS", "Algorithm", "Rollout", "GRPO", "LadiRL"]

@@ -7,8 +7,14 @@ optional k3 KL to a frozen reference decoder, and two loss normalisations:
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
+from ladi_core.codec import build_inputs_embeds
+
+from ..rollout import completion_ids, token_rollout
+from .base import Algorithm
 from .common import clipped_surrogate
 
 
@@ -63,3 +69,55 @@ def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor,
         stats["clip_frac"] = (((torch.exp(logp_new - logp_old) - 1).abs() > clip).float() * m).sum().item() / max(
             1.0, m.sum().item())
     return loss, stats
+
+
+def text_policy_loss(decoder, prefixes: list[torch.Tensor], scored, adv: torch.Tensor, old: dict, cfg, eos_id: int,
+                     reference=None) -> tuple[torch.Tensor, dict]:
+    """GRPO on the decoder's texts after their prefixes (token GRPO, and LaDi-RL's text policy)."""
+    comps = [completion_ids(d, eos_id) for row in scored.decoded for d in row]
+    logp, mask = token_log_probs(decoder, prefixes, comps, cfg.temperature)
+    ref = None
+    if reference is not None:
+        with torch.no_grad():
+            ref, _ = token_log_probs(reference, prefixes, comps, cfg.temperature)
+    # the behaviour policy's log-probs: the first epoch's own, so its ratio is exactly 1
+    logp_old = old.setdefault("tokens", logp.detach())
+    return grpo_loss(logp, logp_old, adv.flatten(), mask, cfg.grpo_clip, cfg.loss_norm, cfg.max_new_tokens, ref,
+                     cfg.kl_beta)
+
+
+class GRPO(Algorithm):
+    """Token-level GRPO: the decoder is the policy; G = plans x samples_per_plan texts per question."""
+
+    name = "grpo"
+    needs = "token"
+
+    def __init__(self, cfg, reasoner, decoder, verifier, rewards):
+        super().__init__(cfg, reasoner, decoder, verifier, rewards)
+        self._ref = copy.deepcopy(decoder).eval() if cfg.kl_beta else None
+
+    def param_groups(self):
+        return [{"params": list(self.decoder.parameters()), "lr": self.cfg.lr}]
+
+    def trainable_modules(self):
+        return {"decoder": self.decoder}
+
+    @property
+    def reference(self):
+        return self._ref
+
+    @property
+    def decoder_training(self):
+        return "--algo grpo"
+
+    def rollout(self, reasoner, questions, seeds, generator, params):
+        cfg = self.cfg
+        return token_rollout(reasoner, questions, self.verifier,
+                             group=cfg.plans * cfg.samples_per_plan, params=params, seeds=seeds,
+                             rewards=self.rewards, adv_clip=cfg.adv_clip)
+
+    def loss(self, ro, old):
+        g = self.cfg.plans * self.cfg.samples_per_plan
+        embeds = build_inputs_embeds(self.decoder.get_input_embeddings(), ro.prompt_ids)  # with grad
+        return text_policy_loss(self.decoder, [e for e in embeds for _ in range(g)], ro.scored, ro.advantages, old,
+                                self.cfg, self.reasoner.tokenizer.eos_token_id, self._ref)

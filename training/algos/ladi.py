@@ -6,13 +6,17 @@ question) is shared by every denoising step of that plan; each step's ratio is c
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import torch
 
 from ladi_core.policies import DiffusionPolicy, PlanSample
 
+from ..rollout import LatentRollout, latent_rollout
+from .base import Algorithm
 from .common import clipped_surrogate, group_advantages
+from .grpo import text_policy_loss
 
 
 def rescore(policy: DiffusionPolicy, plans: PlanSample, cond: torch.Tensor, mask: torch.Tensor,
@@ -61,3 +65,74 @@ def text_advantages(rewards: torch.Tensor, samples_per_plan: int, groups: str, c
     if groups == "plan":
         return group_advantages(rewards.reshape(-1, samples_per_plan), clip=clip).reshape(rewards.shape)
     raise ValueError(f"text advantages are grouped by 'question' or 'plan', not {groups!r}")
+
+
+class LadiRL(Algorithm):
+    """The plan policy (the diffusion denoiser) trains on hierarchical rollouts: M plans per
+    question, N texts per plan. With `text_policy_coef > 0` the decoder also trains, by GRPO on
+    each text given its plan."""
+
+    name = "ladi"
+    needs = "latent"
+
+    def __init__(self, cfg, reasoner, decoder, verifier, rewards):
+        super().__init__(cfg, reasoner, decoder, verifier, rewards)
+        ck = reasoner.checkpoint
+        # train mode throughout: the denoiser has no dropout, so a rollout's log-probs and the
+        # loss's re-scoring see the same function.
+        self.policy = ck.policy.train()
+        ck.codec.requires_grad_(False)
+        self.decoder.requires_grad_(cfg.text_policy_coef > 0)
+        self._ref = copy.deepcopy(self.policy).eval() if cfg.kl_beta else None
+
+    def param_groups(self):
+        groups = [{"params": list(self.policy.parameters()), "lr": self.cfg.lr}]
+        if self.cfg.text_policy_coef > 0:
+            groups.append({"params": list(self.decoder.parameters()), "lr": self.cfg.text_lr})
+        return groups
+
+    def trainable_modules(self):
+        mods = {"policy": self.policy}
+        if self.cfg.text_policy_coef > 0:
+            mods["decoder"] = self.decoder
+        return mods
+
+    @property
+    def reference(self):
+        return self._ref
+
+    @property
+    def decoder_training(self):
+        return "--text-policy-coef > 0" if self.cfg.text_policy_coef > 0 else None
+
+    def rollout(self, reasoner, questions, seeds, generator, params) -> LatentRollout:
+        cfg = self.cfg
+        sampler = {"steps": cfg.train_denoising_steps, "noise_level": cfg.noise_level, "guidance": cfg.guidance,
+                   "diversity": cfg.diversity}
+        return latent_rollout(reasoner, questions, self.verifier, plans=cfg.plans,
+                              samples_per_plan=cfg.samples_per_plan, params=params, seeds=seeds, generator=generator,
+                              rewards=self.rewards, sampler=sampler, adv_clip=cfg.adv_clip)
+
+    def loss(self, ro: LatentRollout, old):
+        cfg = self.cfg
+        sampler = {"guidance": cfg.guidance, "diversity": cfg.diversity, "noise_level": cfg.noise_level}
+        logp, means, stds = rescore(self.policy, ro.plans, ro.cond, ro.cond_mask, **sampler)
+        kl = None
+        if self._ref is not None:
+            with torch.no_grad():
+                _, ref_means, _ = rescore(self._ref, ro.plans, ro.cond, ro.cond_mask, **sampler)
+            kl = reference_kl(means, ref_means, stds)
+        loss, stats = ladi_loss(logp, ro.plans.log_probs, ro.advantages.flatten(), cfg.clip, kl, cfg.kl_beta)
+        if cfg.text_policy_coef > 0:
+            m, n = cfg.plans, cfg.samples_per_plan
+            rows = torch.arange(len(ro.prompt_embeds) * m).repeat_interleave(n)  # (question, plan) per text
+            with torch.no_grad():  # the decoder trains here, not the plans
+                prefixes = self.reasoner.prefixes([ro.prompt_embeds[int(r) // m] for r in rows],
+                                                  ro.plans.latents[rows])
+            adv = text_advantages(ro.scored.rewards.view(len(ro.prompt_embeds), m * n), n, cfg.text_advantages,
+                                  cfg.adv_clip)
+            text_loss, _ = text_policy_loss(self.decoder, prefixes, ro.scored, adv, old, cfg,
+                                            self.reasoner.tokenizer.eos_token_id)
+            loss = loss + cfg.text_policy_coef * text_loss
+            stats["text_loss"] = text_loss.item()
+        return loss, stats
