@@ -4,7 +4,8 @@
       ladi.json            LadiConfig: format version, kind, architecture, provenance
       decoder/             a plain Hugging Face model + tokenizer (transformers and vLLM load it as is)
       codec.safetensors    latent checkpoints only: encoder, adapter, begin/end-of-thought, latent stats
-      policy.safetensors   latent checkpoints only: the diffusion denoiser
+      policy.safetensors   latent checkpoints only: the plan policy (`policy_kind`: the diffusion
+                           denoiser, or DLR's assistant)
 
 A token-level checkpoint is the same directory without the latent parts. Loading validates the
 version, the files and every tensor's shape, reports all problems in one message, and never
@@ -28,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
 from .codec import CodecConfig, LatentCodec
-from .policies import DiffusionPolicy, DiffusionPolicyConfig, SamplerConfig
+from .policies import POLICY_KINDS, LatentPolicy, make_policy
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "ladi.json"
@@ -52,6 +53,7 @@ class LadiConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format_version: int
     kind: Literal["latent", "token"]
+    policy_kind: Literal[tuple(POLICY_KINDS)] | None = None  # latent only; None in a file = "diffusion"
     task: str | None = None
     codec: dict[str, Any] | None = None
     policy: dict[str, Any] | None = None
@@ -97,7 +99,7 @@ class Checkpoint:
     config: LadiConfig
     tokenizer: Any
     codec: LatentCodec | None = None
-    policy: DiffusionPolicy | None = None
+    policy: LatentPolicy | None = None
 
     @property
     def decoder_dir(self) -> Path:
@@ -109,7 +111,7 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, decoder, tokenizer, provenance: Provenance, *, task: str | None = None,
-                    codec: LatentCodec | None = None, policy: DiffusionPolicy | None = None) -> Path:
+                    codec: LatentCodec | None = None, policy: LatentPolicy | None = None) -> Path:
     """Write atomically: a half-written checkpoint never sits at `path`."""
     path = Path(path)
     if (codec is None) != (policy is None):
@@ -125,6 +127,7 @@ def save_checkpoint(path: str | Path, decoder, tokenizer, provenance: Provenance
         save_file({k: v.contiguous() for k, v in codec.state_dict().items()}, tmp / "codec.safetensors")
         save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, tmp / "policy.safetensors")
         cfg.codec, cfg.policy, cfg.sampler = asdict(codec.cfg), asdict(policy.cfg), asdict(policy.sampler)
+        cfg.policy_kind = policy.kind
     (tmp / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2) + "\n")
     old = path.with_name(path.name + ".old")
     if path.exists():
@@ -200,7 +203,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
     if cfg.kind == "latent":
         try:
             codec = LatentCodec(CodecConfig(**(cfg.codec or {})))
-            policy = DiffusionPolicy(DiffusionPolicyConfig(**(cfg.policy or {})), SamplerConfig(**(cfg.sampler or {})))
+            policy = make_policy(cfg.policy_kind or "diffusion", cfg.policy or {}, cfg.sampler or {})
         except TypeError as err:
             raise CheckpointError(f"checkpoint {path}: codec/policy config does not match this LaDi ({err})") from None
         if hidden is not None and codec.cfg.hidden_size != hidden:
@@ -232,7 +235,7 @@ def set_sampler_default(path: str | Path, evidence: dict[str, Any], **fields) ->
     cfg = read_config(path)
     if cfg.sampler is None:
         raise CheckpointError(f"{path}: a token-level checkpoint has no sampler")
-    unknown = set(fields) - set(SamplerConfig.__dataclass_fields__)
+    unknown = set(fields) - set(cfg.sampler)
     if unknown:
         raise CheckpointError(f"{path}: unknown sampler settings {sorted(unknown)}")
     change = {"from": {k: cfg.sampler.get(k) for k in fields}, "to": fields, "evidence": evidence,

@@ -222,6 +222,7 @@ def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "trans
         prov = srv.reasoner.checkpoint.config.provenance
         return {"version": v, "commit": git_commit(), "backend": srv.backend_name,
                 "checkpoint": {"path": str(srv.reasoner.checkpoint.path), "kind": srv.reasoner.checkpoint.config.kind,
+                               "policy": srv.reasoner.checkpoint.policy.kind if srv.reasoner.is_latent else None,
                                "made_by": prov.command, "commit": prov.commit, "metrics": prov.metrics}}
 
     @app.get("/metrics")
@@ -234,7 +235,8 @@ def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "trans
         ck = srv.reasoner.checkpoint
         return {"object": "list", "data": [{
             "id": srv.model_name, "object": "model", "created": int(ck.path.stat().st_mtime), "owned_by": "ladi",
-            "ladi": {"kind": ck.config.kind, "task": ck.config.task, "backend": srv.backend_name}}]}
+            "ladi": {"kind": ck.config.kind, "policy": ck.policy.kind if ck.policy is not None else None,
+                     "task": ck.config.task, "backend": srv.backend_name}}]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

@@ -38,6 +38,7 @@ def plan_request(cfg: ServerConfig, reasoner: Reasoner, req: LadiParams, model_n
         raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
                        "not_found_error", "model", "model_not_found")
     params, overrides = _sampling(cfg, req)
+    overrides = _policy_overrides(reasoner, req, overrides)
     lay = layout(req, reasoner.is_latent, cfg.limits)
     rule, verifier = resolve_verifier(req.verifier, reasoner.checkpoint.config.task)
     if req.mode == "pass_at_k" and (req.reference is None or verifier is None):
@@ -80,6 +81,23 @@ def _sampling(cfg: ServerConfig, req: LadiParams) -> tuple[SamplingParams, dict]
     params = SamplingParams(req.temperature, req.top_p, max_tokens, req.seed, tuple(stop),
                             logprobs=req.mode == "best_of_n", min_tokens=req.min_tokens)
     return params, overrides
+
+
+# request field -> the plan policy's sampler setting it overrides
+_SAMPLER_FIELDS = {"denoising_steps": "steps", "guidance_scale": "guidance", "diversity": "diversity"}
+
+
+def _policy_overrides(reasoner: Reasoner, req: LadiParams, overrides: dict) -> dict:
+    """Sampler knobs the checkpoint's plan policy has; a requested one it lacks is a 400 (an
+    assistant policy does not denoise, a token-level checkpoint has no plans). The server's own
+    default steps apply only where the policy denoises."""
+    policy = reasoner.checkpoint.policy
+    accepted = policy.overrides if policy is not None else frozenset()
+    what = f"the {policy.kind} policy" if policy is not None else "a token-level checkpoint (it has no latent plans)"
+    for field, setting in _SAMPLER_FIELDS.items():
+        if getattr(req, field) is not None and setting not in accepted:
+            raise BadRequest(f"{field} does not apply to {what} this server serves", field)
+    return {k: v for k, v in overrides.items() if k in accepted}
 
 
 def _prompt_texts(reasoner: Reasoner, req: LadiParams) -> list[str]:

@@ -71,3 +71,13 @@ def vllm_token_reasoner(token_ckpt):
     r = _vllm_reasoner(token_ckpt)
     yield r
     r.backend.close()
+
+
+@pytest.fixture(scope="session")
+def dlr_ckpt(latent_ckpt, tmp_path_factory) -> Path:
+    """DLR's warm-up on the smoke checkpoint: an assistant policy over its frozen decoder and codec."""
+    from training import assistant_sft
+
+    out = tmp_path_factory.mktemp("dlr") / "dlr-sft"
+    assistant_sft.main(["--init", str(latent_ckpt), "--out", str(out), "--preset", "smoke"])
+    return out

@@ -47,19 +47,17 @@ PRESETS: dict[str, PriorRolloutConfig] = {
 }
 
 
-def answer_loss_through_plans(decoder, codec, policy, prompt_embeds: list[torch.Tensor], cond: torch.Tensor,
-                              cond_mask: torch.Tensor, refs: list[list[list[int]]], steps: int,
-                              gen: torch.Generator) -> torch.Tensor:
-    """Cross-entropy of a reference completion given a plan the prior drew for its question
-    (`DiffusionPolicy.sample`'s ODE, with the gradient kept through every step into the denoiser).
-    refs: each question's reference completions; a plan is scored by the one it explains best
+def answer_loss(decoder, codec, prompt_embeds: list[torch.Tensor], latents: torch.Tensor,
+                refs: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of a reference completion given each row's plan (latents [rows, L, d_z], with
+    whatever gradient they carry), the decoder reading `[prompt; bot; adapter(plan); eot]`.
+    refs: each row's reference completions; a plan is scored by the one it explains best
     (per-token mean), so plans drawn from different noise may settle on different solutions
-    instead of all being pulled to one. The loss is token-weighted over the chosen references
-    (with one reference each: the decoder's own mean cross-entropy).
-    cond, cond_mask: the padded prompt embeddings, the condition every sample reads."""
+    instead of all being pulled to one. Returns the loss, token-weighted over the chosen
+    references (with one reference each: the decoder's own mean cross-entropy), and each row's
+    chosen reference [rows]."""
     embed = decoder.get_input_embeddings()
-    plans = codec.plan_embeds(policy.sample(cond, cond_mask, 1, generator=gen, steps=steps).latents)
-    prefixes = with_plans(prompt_embeds, plans, codec.cfg.decoder_sees_question)
+    prefixes = with_plans(prompt_embeds, codec.plan_embeds(latents), codec.cfg.decoder_sees_question)
     k = len(refs[0])
     if any(len(r) != k for r in refs):
         raise ValueError("every question needs the same number of references")
@@ -73,7 +71,17 @@ def answer_loss_through_plans(decoder, codec, policy, prompt_embeds: list[torch.
     sums = ce.sum(1).view(len(refs), k)
     counts = (target != -100).sum(1).view(len(refs), k)
     best = (sums / counts).argmin(1, keepdim=True)  # which reference each plan explains best
-    return sums.gather(1, best).sum() / counts.gather(1, best).sum()
+    return sums.gather(1, best).sum() / counts.gather(1, best).sum(), best.squeeze(1)
+
+
+def answer_loss_through_plans(decoder, codec, policy, prompt_embeds: list[torch.Tensor], cond: torch.Tensor,
+                              cond_mask: torch.Tensor, refs: list[list[list[int]]], steps: int,
+                              gen: torch.Generator) -> torch.Tensor:
+    """`answer_loss` of one plan per question that the prior draws from noise
+    (`DiffusionPolicy.sample`'s ODE, with the gradient kept through every step into the denoiser).
+    cond, cond_mask: the padded prompt embeddings, the condition every sample reads."""
+    latents = policy.sample(cond, cond_mask, 1, generator=gen, steps=steps).latents
+    return answer_loss(decoder, codec, prompt_embeds, latents, refs)[0]
 
 
 def parse_args(argv=None):

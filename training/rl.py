@@ -1,7 +1,8 @@
-"""Reinforcement learning on a LaDi checkpoint: LaDi-RL (the latent plan policy) or the
-token-level GRPO baseline (the decoder), one trainer, `--algo`.
+"""Reinforcement learning on a LaDi checkpoint, one trainer, `--algo`: LaDi-RL (the diffusion plan
+policy), DLR (an assistant's plans for a frozen decoder) or the token-level GRPO baseline (the
+decoder). Each method is a class in `training/algos/`.
 
-    python -m training.rl --algo {ladi,grpo} --init DIR --out DIR2 --task countdown --preset {smoke,demo}
+    python -m training.rl --algo {ladi,dlr,grpo} --init DIR --out DIR2 --task countdown --preset {smoke,demo}
     torchrun --nproc_per_node 2 -m training.rl ...        (data-parallel; gloo on CPU, nccl on GPU)
 
 Each step draws `questions_per_step` training questions (split across ranks), rolls them out,
@@ -254,7 +255,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training.rl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algo", choices=sorted(ALGORITHMS), required=True)
-    p.add_argument("--init", required=True, help="checkpoint to start from (latent for ladi, token-level for grpo)")
+    p.add_argument("--init", required=True,
+                   help="checkpoint to start from: latent (ladi), an assistant checkpoint (dlr), token-level (grpo)")
     p.add_argument("--out", required=True)
     p.add_argument("--task", default="countdown")
     p.add_argument("--verifier")
@@ -269,7 +271,7 @@ def parse_args(argv=None):
                  "train_denoising_steps", "save_every", "eval_questions"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int)
     for name in ("lr", "clip", "kl_beta", "diversity", "guidance", "noise_level", "text_policy_coef", "text_lr",
-                 "grpo_clip", "temperature", "format_weight"):
+                 "grpo_clip", "temperature", "format_weight", "contrastive_weight", "contrastive_tau"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float)
     p.add_argument("--loss-norm", choices=["grpo", "dr_grpo"])
     p.add_argument("--text-advantages", choices=["question", "plan"],

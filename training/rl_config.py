@@ -14,7 +14,7 @@ from ladi_core.backends.vllm import VLLMOptions
 
 @dataclass(frozen=True)
 class RLConfig:
-    algo: Literal["ladi", "grpo"] = "ladi"
+    algo: Literal["ladi", "grpo", "dlr"] = "ladi"
     task: str = "countdown"
     verifier: str | None = None
     seed: int = 0
@@ -41,6 +41,9 @@ class RLConfig:
     # the text policy's groups: each text against all M x N texts of its question, or ("plan")
     # against the N texts of its own plan, so that plan quality is left to the plan policy
     text_advantages: Literal["question", "plan"] = "question"
+    # DLR (assistant policy): InfoNCE over a question's slots, SoftCoT++'s temperature
+    contrastive_weight: float = 0.1
+    contrastive_tau: float = 0.05
     # GRPO (token policy)
     grpo_clip: float = 0.2
     loss_norm: Literal["grpo", "dr_grpo"] = "grpo"

@@ -1,5 +1,27 @@
-"""Latent policies: what proposes latent plans for a question. Diffusion is the first."""
+"""Latent policies: what proposes latent plans for a question. The diffusion prior (LaDiR, LaDi-RL)
+and DLR's one-pass Gaussian assistant; `POLICY_KINDS` is the registry a checkpoint's
+`policy_kind` names."""
+from __future__ import annotations
+
+from .assistant import AssistantPolicy, AssistantPolicyConfig, AssistantSamplerConfig, info_nce
 from .base import LatentPolicy, PlanSample
 from .diffusion import DiffusionPolicy, DiffusionPolicyConfig, SamplerConfig
 
-__all__ = ["LatentPolicy", "PlanSample", "DiffusionPolicy", "DiffusionPolicyConfig", "SamplerConfig"]
+# kind -> (policy class, its architecture config, its sampler config)
+POLICY_KINDS: dict[str, tuple[type, type, type]] = {
+    "diffusion": (DiffusionPolicy, DiffusionPolicyConfig, SamplerConfig),
+    "assistant": (AssistantPolicy, AssistantPolicyConfig, AssistantSamplerConfig),
+}
+
+
+def make_policy(kind: str, cfg: dict, sampler: dict) -> LatentPolicy:
+    """A policy of `kind` from its recorded configs (TypeError on fields this LaDi does not know)."""
+    if kind not in POLICY_KINDS:
+        raise ValueError(f"unknown policy kind {kind!r}: this LaDi knows {', '.join(POLICY_KINDS)}")
+    cls, cfg_cls, sampler_cls = POLICY_KINDS[kind]
+    return cls(cfg_cls(**cfg), sampler_cls(**sampler))
+
+
+__all__ = ["LatentPolicy", "PlanSample", "DiffusionPolicy", "DiffusionPolicyConfig", "SamplerConfig",
+           "AssistantPolicy", "AssistantPolicyConfig", "AssistantSamplerConfig", "info_nce", "POLICY_KINDS",
+           "make_policy"]

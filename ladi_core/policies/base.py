@@ -21,6 +21,11 @@ class PlanSample:
 
 
 class LatentPolicy(Protocol):
+    kind: str  # the checkpoint's `policy_kind`
+    overrides: frozenset[str]  # the sampler settings a call (an RL rollout, a request) may override
+    cfg: Any  # architecture (a dataclass, recorded in ladi.json)
+    sampler: Any  # sampling defaults (a dataclass, recorded in ladi.json)
+
     def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, num_plans: int | list[int], *,
                generator: torch.Generator | None = None, sde: bool = False,
                init_noise: torch.Tensor | None = None, **overrides) -> PlanSample:

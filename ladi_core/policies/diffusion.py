@@ -167,6 +167,9 @@ class _ContextArgs(nn.Module):
 
 
 class DiffusionPolicy(nn.Module):
+    kind = "diffusion"
+    overrides = frozenset(SamplerConfig.__dataclass_fields__)  # what `sample` accepts per call
+
     def __init__(self, cfg: DiffusionPolicyConfig, sampler: SamplerConfig | None = None):
         super().__init__()
         self.cfg = cfg

@@ -3,9 +3,10 @@ log-probabilities and advantages beside them. `ALGORITHMS` is what `--algo` choo
 from __future__ import annotations
 
 from .base import Algorithm, Rollout
+from .dlr import DLR
 from .grpo import GRPO
 from .ladi import LadiRL
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (LadiRL, GRPO)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (LadiRL, GRPO, DLR)}
 
-__all__ = ["ALGORITHMS", "Algorithm", "Rollout", "GRPO", "LadiRL"]
+__all__ = ["ALGORITHMS", "Algorithm", "Rollout", "GRPO", "LadiRL", "DLR"]
