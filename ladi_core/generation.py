@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,6 +73,13 @@ class Reasoner:
     @property
     def is_latent(self) -> bool:
         return self.checkpoint.is_latent
+
+    def without_plans(self) -> Reasoner:
+        """The same decoder on the same backend, prompted with no plan: the decoder's own
+        token-level behaviour (what a frozen-decoder method such as DLR must leave unchanged)."""
+        ck = self.checkpoint
+        token_view = replace(ck, config=ck.config.model_copy(update={"kind": "token"}), codec=None, policy=None)
+        return Reasoner(token_view, self.backend, self.embed_tokens)
 
     def prompt_ids(self, prompts: list[str], chat: bool = True) -> list[list[int]]:
         texts = [chat_prompt(self.tokenizer, p) if chat else p for p in prompts]

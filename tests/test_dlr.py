@@ -231,3 +231,15 @@ def test_the_server_serves_an_assistant_checkpoint(dlr_server):
         assert bad.status_code == 400, bad.text
         err = bad.json()["error"]
         assert err["param"] == knob and "assistant policy" in err["message"]
+
+
+@pytest.mark.slow
+def test_without_plans_decodes_the_prompt_alone(latent_reasoner):
+    """The forgetting check's view of a latent checkpoint: its decoder with no plan in the prefix."""
+    bare = latent_reasoner.without_plans()
+    assert not bare.is_latent and latent_reasoner.is_latent and bare.backend is latent_reasoner.backend
+    params = SamplingParams(temperature=0.0, max_tokens=24, seed=0)
+    got = bare.generate([Q], plans=1, samples_per_plan=1, params=params)[0].completions[0]
+    embeds = latent_reasoner.prompt_embeds(latent_reasoner.prompt_ids([Q]))
+    want = latent_reasoner.decode(embeds, None, 1, params)[0][0]
+    assert got.plan_index is None and got.text == want.text

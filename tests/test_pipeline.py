@@ -55,18 +55,21 @@ def test_stale_work_from_another_run_is_removed_not_resumed(tmp_path):
 def test_the_demo_stages_match_what_the_readme_compares():
     by_name = {s.name: s for s in STAGES}
     names = list(by_name)
-    assert names == ["sft", "writer", "prior-rollout", "grpo", "ladi-rl", "compare"]
-    grpo, ladi = by_name["grpo"].command, by_name["ladi-rl"].command
+    assert names == ["sft", "writer", "prior-rollout", "grpo", "ladi-rl", "dlr-sft", "dlr", "compare"]
+    grpo, ladi, dlr = by_name["grpo"].command, by_name["ladi-rl"].command, by_name["dlr"].command
     # the same budget: the same preset and seed, no budget flag on one side only
+    budget = ("--steps", "--questions-per-step", "--plans", "--samples-per-plan", "--ppo-epochs")
     for flag in ("--preset", "--seed", "--task"):
-        assert grpo[grpo.index(flag) + 1] == ladi[ladi.index(flag) + 1]
+        assert grpo[grpo.index(flag) + 1] == ladi[ladi.index(flag) + 1] == dlr[dlr.index(flag) + 1]
+    assert not any(f in c for f in budget for c in (grpo, ladi, dlr))
+    assert dlr[dlr.index("--init") + 1] == by_name["dlr-sft"].command[by_name["dlr-sft"].command.index("--out") + 1]
     writer, rollout = by_name["writer"].command, by_name["prior-rollout"].command
     assert rollout[rollout.index("--init") + 1] == writer[writer.index("--out") + 1]
     # LaDi-RL starts from the latent SFT model: the writer, then the prior's rollout stage
     assert ladi[ladi.index("--init") + 1] == rollout[rollout.index("--out") + 1]
     compared = by_name["compare"].command
     assert {"checkpoints/demo-ladi-rl", "checkpoints/demo-ladir-s2", "checkpoints/demo-ladir",
-            "checkpoints/demo"} <= set(compared)
+            "checkpoints/demo", "checkpoints/demo-dlr-sft", "checkpoints/demo-dlr"} <= set(compared)
     for st in STAGES:  # every stage reads only stages that come before it
         assert all(names.index(n) < names.index(st.name) for n in st.needs)
 

@@ -234,6 +234,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float)
     p.add_argument("--diversity", type=float)
+    p.add_argument("--decoder-only", action="store_true",
+                   help="decode from the prompt alone, no plan (a latent checkpoint's decoder as a token-level model)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-questions", type=int, default=32)
     p.add_argument("--threads", type=int, default=0)
@@ -281,6 +283,8 @@ def main(argv=None) -> dict:
             continue
         t0 = time.time()
         reasoner = Reasoner.from_checkpoint(ckpt)
+        if args.decoder_only:
+            reasoner = reasoner.without_plans()
         n = max(ks)
         if reasoner.is_latent:
             spp = args.samples_per_plan

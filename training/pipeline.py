@@ -14,7 +14,10 @@ would type, and each checkpoint's provenance records that command):
 4. grpo     token-level GRPO from the token SFT checkpoint (-> checkpoints/demo-grpo)
 5. ladi-rl  LaDi-RL (plan policy + text policy) from the latent SFT checkpoint, the same rollout
             budget (-> checkpoints/demo-ladi-rl)
-6. compare  all six on the same 500 held-out questions (-> results/rl-demo), then the RL curves
+6. dlr-sft  DLR's warm-up: an assistant policy learns to propose plans for the writer's frozen
+            decoder and codec (-> checkpoints/demo-dlr-sft)
+7. dlr      DLR's RL from it, the same rollout budget, decoder frozen (-> checkpoints/demo-dlr)
+8. compare  all eight on the same 500 held-out questions (-> results/rl-demo), then the RL curves
 
 Resuming: a finished stage leaves `<state>/<stage>.done` (its command, wall time and when it
 finished) and is skipped, unless its command has changed since or a stage it reads (`Stage.needs`)
@@ -63,16 +66,27 @@ STAGES = [
                       "--out", "checkpoints/demo-ladi-rl", "--lr", "2e-4", "--text-policy-coef", "1",
                       "--text-lr", "2e-5", "--task", "countdown", "--preset", "demo", "--seed", "0"],
           work="checkpoints/demo-ladi-rl.work", needs=("prior-rollout",)),
+    Stage("dlr-sft", ["-m", "training.assistant_sft", "--init", "checkpoints/demo-ladir",
+                      "--out", "checkpoints/demo-dlr-sft", "--preset", "demo", "--seed", "0"],
+          work="checkpoints/demo-dlr-sft.work", needs=("writer",)),
+    Stage("dlr", ["-m", "training.rl", "--algo", "dlr", "--init", "checkpoints/demo-dlr-sft",
+                  "--out", "checkpoints/demo-dlr", "--lr", "3e-4", "--contrastive-weight", "0.01",
+                  "--format-weight", "0.1",
+                  "--rollout-backend", "vllm", "--task", "countdown", "--preset", "demo", "--seed", "0"],
+          work="checkpoints/demo-dlr.work", needs=("dlr-sft",)),
     Stage("compare", ["-m", "training.eval", "--checkpoint", "checkpoints/demo-token",
                       "--checkpoint", "checkpoints/demo-grpo", "--checkpoint", "checkpoints/demo",
                       "--checkpoint", "checkpoints/demo-ladir", "--checkpoint", "checkpoints/demo-ladir-s2",
-                      "--checkpoint", "checkpoints/demo-ladi-rl", "--name", "token-sft", "--name", "token-grpo",
+                      "--checkpoint", "checkpoints/demo-ladi-rl", "--checkpoint", "checkpoints/demo-dlr-sft",
+                      "--checkpoint", "checkpoints/demo-dlr", "--name", "token-sft", "--name", "token-grpo",
                       "--name", "ladir-codec", "--name", "ladir-writer", "--name", "ladir-sft", "--name", "ladi-rl",
+                      "--name", "dlr-sft", "--name", "dlr",
                       "--task", "countdown", "--problems", "500", "--k", K, "--out", "results/rl-demo"],
           after=[["-m", "training.rl_curves", "--run", "token-grpo=checkpoints/demo-grpo.work/metrics.jsonl",
                   "--run", "ladi-rl=checkpoints/demo-ladi-rl.work/metrics.jsonl",
+                  "--run", "dlr=checkpoints/demo-dlr.work/metrics.jsonl",
                   "--out", "results/rl-demo/curves.png"]],
-          needs=("sft", "writer", "prior-rollout", "grpo", "ladi-rl")),
+          needs=("sft", "writer", "prior-rollout", "grpo", "ladi-rl", "dlr-sft", "dlr")),
 ]
 
 
