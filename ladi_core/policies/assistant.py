@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import PlanSample
-from .diffusion import _Block
+from .diffusion import _Block, encode_question
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,7 @@ class AssistantPolicy(nn.Module):
     # --- the density -------------------------------------------------------------------------------
     def means(self, cond: torch.Tensor, cond_mask: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Each question's plan means, plan j from slot j mod K: [sum(counts), L, d_z]."""
-        b, t = cond_mask.shape
-        if t > self.cfg.max_cond_len:
-            raise ValueError(f"question of {t} tokens exceeds the policy's max_cond_len={self.cfg.max_cond_len}")
-        keep = cond_mask.bool()
-        h = self.cond_in(cond.to(self.queries.dtype)) + self.cond_pos[:t]
-        for blk in self.encoder:
-            h = blk(h, keep)
+        h, keep = encode_question(self, cond, cond_mask)
         mem = self.encoder_norm(h)
         reps = torch.tensor(counts, device=cond.device)
         slots = torch.cat([torch.arange(c, device=cond.device) % self.cfg.slots for c in counts])

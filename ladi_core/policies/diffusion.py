@@ -109,6 +109,20 @@ class _Block(nn.Module):
         return h + self.mlp(self.norm3(h))
 
 
+def encode_question(module: nn.Module, cond: torch.Tensor, cond_mask: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    """The question encoder every latent policy here shares, over the decoder's prompt embeddings:
+    `module.cond_in` + `cond_pos`, then its `encoder` blocks. Returns (hidden [B, T, d], keep [B, T])."""
+    t = cond_mask.shape[1]
+    if t > module.cfg.max_cond_len:
+        raise ValueError(f"question of {t} tokens exceeds the policy's max_cond_len={module.cfg.max_cond_len}")
+    keep = cond_mask.bool()
+    h = module.cond_in(cond.to(module.cond_pos.dtype)) + module.cond_pos[:t]
+    for blk in module.encoder:
+        h = blk(h, keep)
+    return h, keep
+
+
 class Denoiser(nn.Module):
     def __init__(self, cfg: DiffusionPolicyConfig):
         super().__init__()
@@ -131,13 +145,8 @@ class Denoiser(nn.Module):
 
     def encode(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> QuestionContext:
         """cond [B, T, hidden], cond_mask [B, T] -> the context every denoising step reuses."""
-        b, t = cond_mask.shape
-        if t > self.cfg.max_cond_len:
-            raise ValueError(f"question of {t} tokens exceeds the policy's max_cond_len={self.cfg.max_cond_len}")
-        keep = cond_mask.bool()
-        h = self.cond_in(cond.to(self.null.dtype)) + self.cond_pos[:t]
-        for blk in self.encoder:
-            h = blk(h, keep)
+        b = cond_mask.shape[0]
+        h, keep = encode_question(self, cond, cond_mask)
         mem = self.encoder_norm(torch.cat([self.null.expand(b, -1, -1), h], 1))
         mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=keep.device), keep], 1)
         return QuestionContext([blk.memory(mem) for blk in self.blocks], mask)

@@ -43,6 +43,7 @@ class Algorithm(ABC):
         decoder module (its training handle); rewards: summed per text."""
         self.cfg, self.reasoner, self.decoder = cfg, reasoner, decoder
         self.verifier, self.rewards = verifier, rewards
+        self._ref: torch.nn.Module | None = None  # a subclass with a KL term sets its frozen copy
         self.check_init(reasoner.checkpoint)
 
     def check_init(self, ck: Checkpoint) -> None:
@@ -64,7 +65,7 @@ class Algorithm(ABC):
     @property
     def reference(self) -> torch.nn.Module | None:
         """The frozen copy the KL term pulls towards (None without one)."""
-        return None
+        return self._ref
 
     @property
     def decoder_training(self) -> str | None:

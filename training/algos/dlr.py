@@ -68,10 +68,6 @@ class DLR(Algorithm):
     def trainable_modules(self):
         return {"policy": self.policy}
 
-    @property
-    def reference(self):
-        return self._ref
-
     def rollout(self, reasoner, questions, seeds, generator, params) -> LatentRollout:
         cfg = self.cfg
         return latent_rollout(reasoner, questions, self.verifier, plans=cfg.plans,

@@ -103,10 +103,6 @@ class GRPO(Algorithm):
         return {"decoder": self.decoder}
 
     @property
-    def reference(self):
-        return self._ref
-
-    @property
     def decoder_training(self):
         return "--algo grpo"
 

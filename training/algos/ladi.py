@@ -98,10 +98,6 @@ class LadiRL(Algorithm):
         return mods
 
     @property
-    def reference(self):
-        return self._ref
-
-    @property
     def decoder_training(self):
         return "--text-policy-coef > 0" if self.cfg.text_policy_coef > 0 else None
 
