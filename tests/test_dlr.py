@@ -66,6 +66,7 @@ def test_slots_give_distinct_means_and_the_seed_fixes_the_draw():
     torch.testing.assert_close(flat, p.means(c, m, [2, 2]))
     with pytest.raises(ValueError, match="does not denoise"):
         p.sample(c, m, 2, steps=4)
+    p.sample(c, m, 2, steps=None, guidance=None)  # unset settings (training.eval's defaults) are no request
 
 
 def test_info_nce_on_hand_made_vectors():

@@ -98,11 +98,12 @@ class AssistantPolicy(nn.Module):
         counts = [num_plans] * cond.shape[0] if isinstance(num_plans, int) else list(num_plans)
         if len(counts) != cond.shape[0] or min(counts) < 1:
             raise ValueError(f"need one plan count >= 1 per question, got {num_plans}")
+        overrides = {k: v for k, v in overrides.items() if v is not None}  # None: the default
         unknown = set(overrides) - self.overrides
         if unknown:
             raise ValueError(f"the assistant policy takes no {', '.join(sorted(unknown))} (it does not denoise); "
                              f"it takes {', '.join(sorted(self.overrides))}")
-        sc = replace(self.sampler, **{k: v for k, v in overrides.items() if v is not None})
+        sc = replace(self.sampler, **overrides)
         mean = self.means(cond, cond_mask, counts)
         if init_noise is None:
             init_noise = torch.randn(mean.shape, generator=generator, device=cond.device)
