@@ -16,7 +16,7 @@ direct target that speeds the start; an optional InfoNCE term keeps a question's
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -96,8 +96,6 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     cfg = checkpoint_stage_config(PRESETS, args, references=args.references)
     if args.slots is not None:
-        from dataclasses import replace
-
         cfg = replace(cfg, assistant=replace(cfg.assistant, slots=args.slots))
     if cfg.references < 1 or cfg.assistant.slots < 1:
         raise SystemExit("--references and --slots must be at least 1")
@@ -119,9 +117,8 @@ def main(argv=None) -> Path:
         prm.requires_grad_(False)  # the main model and the plan space stay as they are
     c = codec.cfg
     torch.manual_seed(cfg.seed)  # the assistant's initial weights
-    assistant = AssistantPolicy(AssistantPolicyConfig(**{**cfg.assistant.__dict__, "hidden_size": c.hidden_size,
-                                                         "latent_tokens": c.latent_tokens,
-                                                         "latent_dim": c.latent_dim}))
+    assistant = AssistantPolicy(replace(cfg.assistant, hidden_size=c.hidden_size, latent_tokens=c.latent_tokens,
+                                        latent_dim=c.latent_dim))
     data = Examples(task, tokenizer)
 
     def loss_fn(rng, gen, progress):
