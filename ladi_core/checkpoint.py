@@ -5,7 +5,8 @@
       decoder/             a plain Hugging Face model + tokenizer (transformers and vLLM load it as is)
       codec.safetensors    latent checkpoints only: encoder, adapter, begin/end-of-thought, latent stats
       policy.safetensors   latent checkpoints only: the plan policy (`policy_kind`: the diffusion
-                           denoiser, or DLR's assistant)
+                           denoiser, DLR's assistant, or the recurrent thinker's value head; the
+                           recurrent one's codec is frame-only, bot and eot)
 
 A token-level checkpoint is the same directory without the latent parts. Loading validates the
 version, the files and every tensor's shape, reports all problems in one message, and never

@@ -45,6 +45,10 @@ class CodecConfig:
     # The KL weight ramps from 0 to kl_weight over this share of the codec stage (KL annealing):
     # a decoder that learns to read a nearly deterministic z first keeps reading it once the budget binds.
     kl_warmup: float = 0.0
+    # A frame-only codec (the recurrent policy's): a plan is already a block of decoder hidden
+    # states (latent_dim = hidden_size), so there is no encoder and the adapter's lift is the
+    # identity; only the learned begin/end-of-thought vectors remain.
+    frame_only: bool = False
 
 
 class LatentEncoder(nn.Module):
@@ -80,8 +84,14 @@ class LatentAdapter(nn.Module):
 
     def __init__(self, cfg: CodecConfig):
         super().__init__()
-        self.lift = nn.Sequential(nn.Linear(cfg.latent_dim, cfg.hidden_size), nn.GELU(),
-                                  nn.Linear(cfg.hidden_size, cfg.hidden_size))
+        if cfg.frame_only and cfg.latent_dim != cfg.hidden_size:
+            raise ValueError(f"a frame-only codec passes hidden states through: latent_dim ({cfg.latent_dim}) "
+                             f"must equal hidden_size ({cfg.hidden_size})")
+        if cfg.frame_only:
+            self.lift = nn.Identity()
+        else:
+            self.lift = nn.Sequential(nn.Linear(cfg.latent_dim, cfg.hidden_size), nn.GELU(),
+                                      nn.Linear(cfg.hidden_size, cfg.hidden_size))
         self.bot = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
         self.eot = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
 
@@ -95,7 +105,7 @@ class LatentCodec(nn.Module):
     def __init__(self, cfg: CodecConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = LatentEncoder(cfg)
+        self.encoder = None if cfg.frame_only else LatentEncoder(cfg)
         self.adapter = LatentAdapter(cfg)
         self.register_buffer("latent_mean", torch.zeros(cfg.latent_dim))
         self.register_buffer("latent_std", torch.ones(cfg.latent_dim))
@@ -103,6 +113,8 @@ class LatentCodec(nn.Module):
     def encode(self, token_embeds, mask, sample: bool = True,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (unnormalised) z and the KL to N(0, I) per latent element [B, L, d_z]."""
+        if self.encoder is None:
+            raise ValueError("a frame-only codec has no encoder: its plans are the decoder's own hidden states")
         mu, logvar = self.encoder(token_embeds, mask)
         if sample:
             where = generator.device if generator is not None else mu.device

@@ -5,6 +5,9 @@
              given, else by majority vote over extracted answers, else by mean token log-prob.
 - pass_at_k: k = n candidates from k distinct plans, each verified against the reference, plus
              the unbiased pass@1..k.
+
+A deterministic thinker (the recurrent policy) has one plan per question: its candidates are n
+texts of that plan, and `latent_plans` above 1 is refused.
 """
 from __future__ import annotations
 
@@ -33,8 +36,9 @@ class Layout:
         return self.plans * self.samples_per_plan
 
 
-def layout(req: LadiParams, latent: bool, limits: Limits) -> Layout:
-    """How many plans and texts a request needs; every bound checked here (400 on violation)."""
+def layout(req: LadiParams, latent: bool, limits: Limits, one_plan: bool = False) -> Layout:
+    """How many plans and texts a request needs; every bound checked here (400 on violation).
+    one_plan: the checkpoint's policy gives each question one plan (its thoughts are deterministic)."""
     n = req.n
     if not 1 <= n <= limits.max_n:
         raise BadRequest(f"n must be between 1 and {limits.max_n}, got {n}", "n")
@@ -50,7 +54,10 @@ def layout(req: LadiParams, latent: bool, limits: Limits) -> Layout:
             raise BadRequest(f"best_of ({wanted}) must be >= n ({n})", "best_of")
     else:
         wanted = n
-    if not latent:
+    if one_plan and req.latent_plans not in (None, 1):
+        raise BadRequest("this checkpoint's recurrent policy thinks deterministically, so every plan of a question "
+                         "is the same one: leave latent_plans unset (or 1) and ask for n texts", "latent_plans")
+    if not latent or one_plan:
         total = wanted if req.samples_per_plan is None else max(wanted, req.samples_per_plan)
         out = Layout(1, total, n)
     elif req.mode == "pass_at_k":

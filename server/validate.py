@@ -39,7 +39,7 @@ def plan_request(cfg: ServerConfig, reasoner: Reasoner, req: LadiParams, model_n
                        "not_found_error", "model", "model_not_found")
     params, overrides = _sampling(cfg, req)
     overrides = _policy_overrides(reasoner, req, overrides)
-    lay = layout(req, reasoner.is_latent, cfg.limits)
+    lay = layout(req, reasoner.is_latent, cfg.limits, one_plan=reasoner.is_latent and not reasoner.distinct_plans)
     rule, verifier = resolve_verifier(req.verifier, reasoner.checkpoint.config.task)
     if req.mode == "pass_at_k" and (req.reference is None or verifier is None):
         raise BadRequest("pass_at_k needs a `reference` and a verifier (the checkpoint's task or `verifier`)",

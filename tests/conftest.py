@@ -81,3 +81,13 @@ def dlr_ckpt(latent_ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dlr") / "dlr-sft"
     assistant_sft.main(["--init", str(latent_ckpt), "--out", str(out), "--preset", "smoke"])
     return out
+
+
+@pytest.fixture(scope="session")
+def recurrent_ckpt(token_ckpt, tmp_path_factory) -> Path:
+    """Coconut's curriculum (smoke preset) on the smoke token-level checkpoint: a recurrent policy."""
+    from training import coconut_sft
+
+    out = tmp_path_factory.mktemp("coconut") / "coconut-sft"
+    coconut_sft.main(["--init", str(token_ckpt), "--out", str(out), "--preset", "smoke"])
+    return out

@@ -55,13 +55,20 @@ def test_stale_work_from_another_run_is_removed_not_resumed(tmp_path):
 def test_the_demo_stages_match_what_the_readme_compares():
     by_name = {s.name: s for s in STAGES}
     names = list(by_name)
-    assert names == ["sft", "writer", "prior-rollout", "grpo", "ladi-rl", "dlr-sft", "dlr", "compare"]
-    grpo, ladi, dlr = by_name["grpo"].command, by_name["ladi-rl"].command, by_name["dlr"].command
+    assert names == ["sft", "writer", "prior-rollout", "grpo", "ladi-rl", "dlr-sft", "dlr", "coconut-sft",
+                     "coconut-grpo", "latent-rl", "compare"]
+    ladi, dlr = by_name["ladi-rl"].command, by_name["dlr"].command
+    runs = [by_name[n].command for n in ("grpo", "ladi-rl", "dlr", "coconut-grpo", "latent-rl")]
     # the same budget: the same preset and seed, no budget flag on one side only
     budget = ("--steps", "--questions-per-step", "--plans", "--samples-per-plan", "--ppo-epochs")
     for flag in ("--preset", "--seed", "--task"):
-        assert grpo[grpo.index(flag) + 1] == ladi[ladi.index(flag) + 1] == dlr[dlr.index(flag) + 1]
-    assert not any(f in c for f in budget for c in (grpo, ladi, dlr))
+        assert len({c[c.index(flag) + 1] for c in runs}) == 1
+    assert not any(f in c for f in budget for c in runs)
+    coconut = by_name["coconut-sft"].command
+    assert coconut[coconut.index("--init") + 1] == "checkpoints/demo-token"  # the curriculum starts from CoT SFT
+    for n in ("coconut-grpo", "latent-rl"):
+        c = by_name[n].command
+        assert c[c.index("--init") + 1] == coconut[coconut.index("--out") + 1]
     assert dlr[dlr.index("--init") + 1] == by_name["dlr-sft"].command[by_name["dlr-sft"].command.index("--out") + 1]
     writer, rollout = by_name["writer"].command, by_name["prior-rollout"].command
     assert rollout[rollout.index("--init") + 1] == writer[writer.index("--out") + 1]
@@ -69,7 +76,8 @@ def test_the_demo_stages_match_what_the_readme_compares():
     assert ladi[ladi.index("--init") + 1] == rollout[rollout.index("--out") + 1]
     compared = by_name["compare"].command
     assert {"checkpoints/demo-ladi-rl", "checkpoints/demo-ladir-s2", "checkpoints/demo-ladir",
-            "checkpoints/demo", "checkpoints/demo-dlr-sft", "checkpoints/demo-dlr"} <= set(compared)
+            "checkpoints/demo", "checkpoints/demo-dlr-sft", "checkpoints/demo-dlr", "checkpoints/demo-coconut",
+            "checkpoints/demo-coconut-grpo", "checkpoints/demo-latent-rl"} <= set(compared)
     for st in STAGES:  # every stage reads only stages that come before it
         assert all(names.index(n) < names.index(st.name) for n in st.needs)
 

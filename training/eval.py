@@ -52,7 +52,8 @@ def evaluate(reasoner: Reasoner, questions: list[Question], verifier: Verifier, 
                 "id": q.id, "n": len(correct), "c": sum(correct), "correct": correct, "answers": answers,
                 "format": statistics.fmean(r.format for r in rewards),
                 "distinct_correct": distinct_correct(answers, correct),
-                "plan_distance": mean_pairwise_distance(g.plans) if g.plans is not None else None,
+                "plan_distance": mean_pairwise_distance(g.plans) if g.plans is not None and len(g.plans) > 1 else None,
+                "tokens": statistics.fmean(len(c.decoded.token_ids) for c in g.completions),
                 "example": g.completions[0].text,
             })
         bar.update(len(chunk))
@@ -171,6 +172,8 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
     out[f"maj@{kmax}"] = statistics.fmean(maj_at_k(r["answers"], r["correct"], kmax) for r in records)
     out["distinct_correct"] = statistics.fmean(r["distinct_correct"] for r in records)
     out["format"] = statistics.fmean(r["format"] for r in records)
+    tokens = [r["tokens"] for r in records if "tokens" in r]  # absent from evaluations kept before it was
+    out["tokens"] = statistics.fmean(tokens) if tokens else None
     dists = [r["plan_distance"] for r in records if r["plan_distance"] is not None]
     out["plan_distance"] = statistics.fmean(dists) if dists else None
     return out
@@ -178,14 +181,15 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
 
 def markdown_table(results: dict[str, dict], ks: list[int]) -> str:
     cols = [f"pass@{k}" for k in ks] + [f"maj@{max(ks)}", "distinct_correct", "plan_distance", "plan_texts",
-                                        "reconstruction", "ceiling@1", "prior@1", "noise@1", "format", "wall_s"]
+                                        "reconstruction", "ceiling@1", "prior@1", "noise@1", "format", "tokens",
+                                        "s_per_question", "wall_s"]
     lines = ["| checkpoint | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, s in results.items():
         cells = []
         for c in cols:
             v = s.get(c)
             pct = c.startswith(("pass", "maj", "format", "recon")) or c.endswith("@1")
-            cells.append("-" if v is None else f"{100 * v:.1f}" if pct
+            cells.append("-" if v is None else f"{100 * v:.1f}" if pct else f"{v:.3f}" if c == "s_per_question"
                          else f"{v:.2f}" if isinstance(v, float) else str(v))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\npass@k, maj@k and format in %; distinct_correct = distinct correct solutions per " \
@@ -193,7 +197,9 @@ def markdown_table(results: dict[str, dict], ks: list[int]) -> str:
         "latent plans (normalised latent space); plan_texts = distinct greedy texts from 8 plans of one question " \
         "(1 = the decoder ignores the plan); reconstruction = % of reference reasonings decoded back exactly from " \
         "their own latent; ceiling@1 / prior@1 / noise@1 = pass@1 decoding from a reference solution's posterior " \
-        "(what a perfect prior would get), from the prior's plans, and from pure-noise plans (the floor).\n"
+        "(what a perfect prior would get), from the prior's plans, and from pure-noise plans (the floor); tokens = " \
+        "tokens written per text; s_per_question = generation wall time per question (all max(k) texts, plans " \
+        "included, diagnostics not).\n"
 
 
 def plot(results: dict[str, dict], ks: list[int], path: Path, title: str) -> None:
@@ -286,18 +292,20 @@ def main(argv=None) -> dict:
         if args.decoder_only:
             reasoner = reasoner.without_plans()
         n = max(ks)
-        if reasoner.is_latent:
+        if reasoner.distinct_plans:
             spp = args.samples_per_plan
             if n % spp:
                 raise SystemExit(f"max k ({n}) must be a multiple of --samples-per-plan ({spp})")
             plans = n // spp
         else:
-            plans, spp = 1, n
+            plans, spp = 1, n  # token-level, or a deterministic thinker: one plan (its thoughts), n texts
+        t_gen = time.time()
         recs = evaluate(reasoner, questions, task.verifier, plans=plans, samples_per_plan=spp, params=params,
                         batch_questions=args.batch_questions, desc=name, steps=args.steps,
                         guidance=args.guidance, diversity=args.diversity)
         summary = summarize(recs, ks)
-        if reasoner.is_latent:
+        summary["s_per_question"] = (time.time() - t_gen) / len(questions)
+        if reasoner.is_latent and reasoner.checkpoint.codec.encoder is not None:  # a frame-only codec encodes nothing
             if args.probe_questions > 0:
                 summary.update(plan_following(reasoner, questions[:args.probe_questions], max_tokens=args.max_tokens))
             if args.diagnostic_questions > 0:

@@ -17,7 +17,11 @@ would type, and each checkpoint's provenance records that command):
 6. dlr-sft  DLR's warm-up: an assistant policy learns to propose plans for the writer's frozen
             decoder and codec (-> checkpoints/demo-dlr-sft)
 7. dlr      DLR's RL from it, the same rollout budget, decoder frozen (-> checkpoints/demo-dlr)
-8. compare  all eight on the same 500 held-out questions (-> results/rl-demo), then the RL curves
+8. coconut-sft  Coconut's curriculum from the token SFT model: reasoning lines become continuous
+            thoughts (-> checkpoints/demo-coconut)
+9. coconut-grpo GRPO on the language after detached thoughts, the same budget (-> checkpoints/demo-coconut-grpo)
+10. latent-rl   latent RL: a co-trained value head's score of the thoughts (-> checkpoints/demo-latent-rl)
+11. compare all eleven on the same 500 held-out questions (-> results/rl-demo), then the RL curves
 
 Resuming: a finished stage leaves `<state>/<stage>.done` (its command, wall time and when it
 finished) and is skipped, unless its command has changed since or a stage it reads (`Stage.needs`)
@@ -74,19 +78,36 @@ STAGES = [
                   "--format-weight", "0.1",
                   "--rollout-backend", "vllm", "--task", "countdown", "--preset", "demo", "--seed", "0"],
           work="checkpoints/demo-dlr.work", needs=("dlr-sft",)),
+    Stage("coconut-sft", ["-m", "training.coconut_sft", "--init", "checkpoints/demo-token",
+                          "--out", "checkpoints/demo-coconut", "--preset", "demo", "--seed", "0"],
+          work="checkpoints/demo-coconut.work", needs=("sft",)),
+    Stage("coconut-grpo", ["-m", "training.rl", "--algo", "coconut-grpo", "--init", "checkpoints/demo-coconut",
+                           "--out", "checkpoints/demo-coconut-grpo", "--format-weight", "0.1",
+                           "--task", "countdown", "--preset", "demo", "--seed", "0"],
+          work="checkpoints/demo-coconut-grpo.work", needs=("coconut-sft",)),
+    Stage("latent-rl", ["-m", "training.rl", "--algo", "latent-rl", "--init", "checkpoints/demo-coconut",
+                        "--out", "checkpoints/demo-latent-rl", "--format-weight", "0.1",
+                        "--task", "countdown", "--preset", "demo", "--seed", "0"],
+          work="checkpoints/demo-latent-rl.work", needs=("coconut-sft",)),
     Stage("compare", ["-m", "training.eval", "--checkpoint", "checkpoints/demo-token",
                       "--checkpoint", "checkpoints/demo-grpo", "--checkpoint", "checkpoints/demo",
                       "--checkpoint", "checkpoints/demo-ladir", "--checkpoint", "checkpoints/demo-ladir-s2",
                       "--checkpoint", "checkpoints/demo-ladi-rl", "--checkpoint", "checkpoints/demo-dlr-sft",
-                      "--checkpoint", "checkpoints/demo-dlr", "--name", "token-sft", "--name", "token-grpo",
+                      "--checkpoint", "checkpoints/demo-dlr", "--checkpoint", "checkpoints/demo-coconut",
+                      "--checkpoint", "checkpoints/demo-coconut-grpo", "--checkpoint", "checkpoints/demo-latent-rl",
+                      "--name", "token-sft", "--name", "token-grpo",
                       "--name", "ladir-codec", "--name", "ladir-writer", "--name", "ladir-sft", "--name", "ladi-rl",
-                      "--name", "dlr-sft", "--name", "dlr",
+                      "--name", "dlr-sft", "--name", "dlr", "--name", "coconut-sft", "--name", "coconut-grpo",
+                      "--name", "latent-rl",
                       "--task", "countdown", "--problems", "500", "--k", K, "--out", "results/rl-demo"],
           after=[["-m", "training.rl_curves", "--run", "token-grpo=checkpoints/demo-grpo.work/metrics.jsonl",
                   "--run", "ladi-rl=checkpoints/demo-ladi-rl.work/metrics.jsonl",
                   "--run", "dlr=checkpoints/demo-dlr.work/metrics.jsonl",
+                  "--run", "coconut-grpo=checkpoints/demo-coconut-grpo.work/metrics.jsonl",
+                  "--run", "latent-rl=checkpoints/demo-latent-rl.work/metrics.jsonl",
                   "--out", "results/rl-demo/curves.png"]],
-          needs=("sft", "writer", "prior-rollout", "grpo", "ladi-rl", "dlr-sft", "dlr")),
+          needs=("sft", "writer", "prior-rollout", "grpo", "ladi-rl", "dlr-sft", "dlr", "coconut-sft", "coconut-grpo",
+                 "latent-rl")),
 ]
 
 

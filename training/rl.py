@@ -1,8 +1,10 @@
 """Reinforcement learning on a LaDi checkpoint, one trainer, `--algo`: LaDi-RL (the diffusion plan
-policy), DLR (an assistant's plans for a frozen decoder) or the token-level GRPO baseline (the
-decoder). Each method is a class in `training/algos/`.
+policy), DLR (an assistant's plans for a frozen decoder), the token-level GRPO baseline (the
+decoder), and for a recurrent (Coconut) checkpoint GRPO after detached thoughts or latent RL
+(a value head's score of the thoughts). Each method is a class in `training/algos/`.
 
-    python -m training.rl --algo {ladi,dlr,grpo} --init DIR --out DIR2 --task countdown --preset {smoke,demo}
+    python -m training.rl --algo {ladi,dlr,grpo,coconut-grpo,latent-rl} --init DIR --out DIR2 \
+        --task countdown --preset {smoke,demo}
     torchrun --nproc_per_node 2 -m training.rl ...        (data-parallel; gloo on CPU, nccl on GPU)
 
 Each step draws `questions_per_step` training questions (split across ranks), rolls them out,
@@ -243,9 +245,9 @@ class Trainer:
         cfg = self.cfg
         qs = self.task.questions("test", cfg.eval_questions, seed=0)
         n = max(cfg.eval_k)
-        latent = self.reasoner.is_latent
-        recs = evaluate(self.rollout, qs, self.task.verifier, plans=n if latent else 1,
-                        samples_per_plan=1 if latent else n,
+        plans = self.reasoner.distinct_plans  # else one prefix per question (no plan, or deterministic thoughts)
+        recs = evaluate(self.rollout, qs, self.task.verifier, plans=n if plans else 1,
+                        samples_per_plan=1 if plans else n,
                         params=SamplingParams(1.0, 1.0, cfg.max_new_tokens, seed=cfg.seed), progress=False)
         s = summarize(recs, list(cfg.eval_k))
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}
@@ -256,7 +258,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algo", choices=sorted(ALGORITHMS), required=True)
     p.add_argument("--init", required=True,
-                   help="checkpoint to start from: latent (ladi), an assistant checkpoint (dlr), token-level (grpo)")
+                   help="checkpoint to start from: latent (ladi), an assistant checkpoint (dlr), token-level (grpo), "
+                   "a recurrent checkpoint (coconut-grpo, latent-rl)")
     p.add_argument("--out", required=True)
     p.add_argument("--task", default="countdown")
     p.add_argument("--verifier")
@@ -271,7 +274,7 @@ def parse_args(argv=None):
                  "train_denoising_steps", "save_every", "eval_questions"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int)
     for name in ("lr", "clip", "kl_beta", "diversity", "guidance", "noise_level", "text_policy_coef", "text_lr",
-                 "grpo_clip", "temperature", "format_weight", "contrastive_weight", "contrastive_tau"):
+                 "grpo_clip", "temperature", "format_weight", "contrastive_weight", "contrastive_tau", "value_lr"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float)
     p.add_argument("--loss-norm", choices=["grpo", "dr_grpo"])
     p.add_argument("--text-advantages", choices=["question", "plan"],

@@ -14,7 +14,7 @@ from ladi_core.backends.vllm import VLLMOptions
 
 @dataclass(frozen=True)
 class RLConfig:
-    algo: Literal["ladi", "grpo", "dlr"] = "ladi"
+    algo: Literal["ladi", "grpo", "dlr", "coconut-grpo", "latent-rl"] = "ladi"
     task: str = "countdown"
     verifier: str | None = None
     seed: int = 0
@@ -44,6 +44,9 @@ class RLConfig:
     # DLR (assistant policy): InfoNCE over a question's slots, SoftCoT++'s temperature
     contrastive_weight: float = 0.01  # 0.1 at lr 1e-3 pushed the plans apart and the reward down
     contrastive_tau: float = 0.05
+    # latent RL (recurrent policy): the value head's learning rate; its BCE target is each
+    # question's share of correct texts
+    value_lr: float = 1e-3
     # GRPO (token policy)
     grpo_clip: float = 0.2
     loss_norm: Literal["grpo", "dr_grpo"] = "grpo"

@@ -29,18 +29,20 @@ class Scored:
     rewards: torch.Tensor  # [Q, G]: the weighted sum of the reward functions
     answers: list[list[str | None]]  # [Q][G]
     components: dict[str, float]  # each reward function's mean weighted value
+    correct: torch.Tensor  # [Q, G] the verifier's correctness alone (latent RL's value target)
 
 
 def score(questions: list[Question], decoded: list[list[Decoded]], per_question: int, verifier: Verifier,
           rewards: list[RewardFn]) -> Scored:
     """decoded rows are question-major; each question owns `per_question` consecutive texts."""
     flat = [d for row in decoded for d in row]
-    totals, answers = [], []
+    totals, answers, correct = [], [], []
     parts = {f.name: 0.0 for f in rewards}
     for q_i, q in enumerate(questions):
-        rs, ans = [], []
+        rs, ans, ok = [], [], []
         for d in flat[q_i * per_question:(q_i + 1) * per_question]:
             verdict = verifier.score(d.text, q.reference)
+            ok.append(float(verdict.correct))
             values = [f(verdict, d.text, q) for f in rewards]
             for f, v in zip(rewards, values):
                 parts[f.name] += v
@@ -48,8 +50,10 @@ def score(questions: list[Question], decoded: list[list[Decoded]], per_question:
             ans.append(verdict.answer)
         totals.append(rs)
         answers.append(ans)
+        correct.append(ok)
     n = max(1, len(questions) * per_question)
-    return Scored(decoded, torch.tensor(totals, dtype=torch.float32), answers, {k: v / n for k, v in parts.items()})
+    return Scored(decoded, torch.tensor(totals, dtype=torch.float32), answers, {k: v / n for k, v in parts.items()},
+                  torch.tensor(correct, dtype=torch.float32))
 
 
 def seeded_params(base: SamplingParams, seeds: list[int]) -> list[SamplingParams]:
@@ -102,7 +106,8 @@ class TokenRollout:
     prompt_embeds: list[torch.Tensor]
     scored: Scored  # rewards [Q, G]
     advantages: torch.Tensor  # [Q, G]
-    plan_distance: float = 0.0  # no plans
+    thoughts: torch.Tensor | None = None  # [Q, L, hidden] a deterministic thinker's one plan per question
+    plan_distance: float = 0.0  # one prefix per question: no spread of plans
 
     @property
     def group_values(self) -> torch.Tensor:
@@ -113,11 +118,14 @@ class TokenRollout:
 def token_rollout(reasoner: Reasoner, questions: list[Question], verifier: Verifier, *, group: int,
                   params: SamplingParams, seeds: list[int], rewards: list[RewardFn],
                   adv_clip: float | None = None) -> TokenRollout:
+    """G texts per question from its one prefix: the prompt, or for a deterministic thinker (the
+    recurrent policy) the prompt and its thoughts, computed once and without gradient (Coconut GRPO)."""
     ids = reasoner.prompt_ids([q.prompt for q in questions])
     embeds = reasoner.prompt_embeds(ids)
-    decoded = reasoner.decode(embeds, None, group, seeded_params(params, seeds))
+    thoughts = reasoner.sample_plans(embeds, 1).latents if reasoner.is_latent else None
+    decoded = reasoner.decode(embeds, thoughts, group, seeded_params(params, seeds))
     scored = score(questions, decoded, group, verifier, rewards)
-    return TokenRollout(ids, embeds, scored, group_advantages(scored.rewards, clip=adv_clip))
+    return TokenRollout(ids, embeds, scored, group_advantages(scored.rewards, clip=adv_clip), thoughts)
 
 
 def completion_ids(d: Decoded, eos_id: int) -> list[int]:

@@ -149,13 +149,13 @@ def quick_eval(path: Path, task, cfg: SFTConfig) -> dict:
     """A small held-out pass@1 check, recorded in the checkpoint's provenance."""
     reasoner = Reasoner.from_checkpoint(path)
     qs = task.questions("test", cfg.eval_questions, seed=0)
-    plans, spp = (cfg.eval_samples, 1) if reasoner.is_latent else (1, cfg.eval_samples)
+    plans, spp = (cfg.eval_samples, 1) if reasoner.distinct_plans else (1, cfg.eval_samples)
     recs = evaluate(reasoner, qs, task.verifier, plans=plans, samples_per_plan=spp,
                     params=SamplingParams(1.0, 1.0, cfg.max_new_tokens, seed=cfg.seed), progress=False)
     s = summarize(recs, [1])
     metrics = {"heldout_questions": len(qs), "heldout_pass@1": round(s["pass@1"], 4),
                "heldout_format": round(s["format"], 4)}
-    if reasoner.is_latent:
+    if reasoner.is_latent and reasoner.checkpoint.codec.encoder is not None:
         follow = plan_following(reasoner, qs[:32], max_tokens=cfg.max_new_tokens)
         metrics.update({f"heldout_{k}": round(v, 4) for k, v in follow.items() if v is not None})
     update_metrics(path, metrics)

@@ -1,16 +1,19 @@
-"""Latent policies: what proposes latent plans for a question. The diffusion prior (LaDiR, LaDi-RL)
-and DLR's one-pass Gaussian assistant; `POLICY_KINDS` is the registry a checkpoint's
+"""Latent policies: what proposes latent plans for a question. The diffusion prior (LaDiR, LaDi-RL),
+DLR's one-pass Gaussian assistant and Coconut's recurrent thinker (the decoder's own hidden
+states); `POLICY_KINDS` is the registry a checkpoint's
 `policy_kind` names."""
 from __future__ import annotations
 
 from .assistant import AssistantPolicy, AssistantPolicyConfig, AssistantSamplerConfig, info_nce
 from .base import LatentPolicy, PlanSample
 from .diffusion import DiffusionPolicy, DiffusionPolicyConfig, SamplerConfig
+from .recurrent import OnePlanError, RecurrentPolicy, RecurrentPolicyConfig, RecurrentSamplerConfig
 
 # kind -> (policy class, its architecture config, its sampler config)
 POLICY_KINDS: dict[str, tuple[type, type, type]] = {
     "diffusion": (DiffusionPolicy, DiffusionPolicyConfig, SamplerConfig),
     "assistant": (AssistantPolicy, AssistantPolicyConfig, AssistantSamplerConfig),
+    "recurrent": (RecurrentPolicy, RecurrentPolicyConfig, RecurrentSamplerConfig),
 }
 
 
@@ -24,4 +27,4 @@ def make_policy(kind: str, cfg: dict, sampler: dict) -> LatentPolicy:
 
 __all__ = ["LatentPolicy", "PlanSample", "DiffusionPolicy", "DiffusionPolicyConfig", "SamplerConfig",
            "AssistantPolicy", "AssistantPolicyConfig", "AssistantSamplerConfig", "info_nce", "POLICY_KINDS",
-           "make_policy"]
+           "make_policy", "RecurrentPolicy", "RecurrentPolicyConfig", "RecurrentSamplerConfig", "OnePlanError"]

@@ -3,10 +3,11 @@ log-probabilities and advantages beside them. `ALGORITHMS` is what `--algo` choo
 from __future__ import annotations
 
 from .base import Algorithm, Rollout
+from .coconut import CoconutGRPO, LatentRL
 from .dlr import DLR
 from .grpo import GRPO
 from .ladi import LadiRL
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (LadiRL, GRPO, DLR)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (LadiRL, GRPO, DLR, CoconutGRPO, LatentRL)}
 
-__all__ = ["ALGORITHMS", "Algorithm", "Rollout", "GRPO", "LadiRL", "DLR"]
+__all__ = ["ALGORITHMS", "Algorithm", "Rollout", "GRPO", "LadiRL", "DLR", "CoconutGRPO", "LatentRL"]

@@ -36,6 +36,9 @@ class Rollout(Protocol):
 class Algorithm(ABC):
     name: ClassVar[str]
     needs: ClassVar[str]  # the checkpoint kind it trains from ("latent" | "token")
+    policy_kind: ClassVar[str | None] = None  # latent: the plan policy it trains ("diffusion", ...)
+    # latent: how a checkpoint with that policy is made (named when the wrong kind is given)
+    made_by: ClassVar[str] = ""
 
     def __init__(self, cfg: RLConfig, reasoner: Reasoner, decoder: torch.nn.Module, verifier: Verifier,
                  rewards: list[RewardFn]):
@@ -53,6 +56,10 @@ class Algorithm(ABC):
             hint = " (use its -token twin)" if self.needs == "token" else ""
             raise SystemExit(f"--algo {self.name} trains a {words[self.needs]} checkpoint; {ck.path} is "
                              f"{words[kind]}{hint}")
+        if self.policy_kind is not None and ck.policy.kind != self.policy_kind:
+            how = f" (make one with {self.made_by})" if self.made_by else ""
+            raise SystemExit(f"--algo {self.name} needs a checkpoint with the {self.policy_kind} policy; "
+                             f"{ck.path} holds the {ck.policy.kind} policy{how}")
 
     @abstractmethod
     def param_groups(self) -> list[dict]:

@@ -50,13 +50,12 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, log_std: torch.Tenso
 class DLR(Algorithm):
     name = "dlr"
     needs = "latent"
+    policy_kind = AssistantPolicy.kind
+    made_by = "python -m training.assistant_sft"
 
     def __init__(self, cfg, reasoner, decoder, verifier, rewards):
         super().__init__(cfg, reasoner, decoder, verifier, rewards)
         ck = reasoner.checkpoint
-        if not isinstance(ck.policy, AssistantPolicy):
-            raise SystemExit(f"--algo dlr trains an assistant policy; {ck.path} holds a {ck.policy.kind} policy "
-                             "(make one with python -m training.assistant_sft)")
         self.policy = ck.policy.train()
         ck.codec.requires_grad_(False)
         self.decoder.requires_grad_(False)  # frozen: nothing to forget

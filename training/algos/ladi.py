@@ -74,6 +74,8 @@ class LadiRL(Algorithm):
 
     name = "ladi"
     needs = "latent"
+    policy_kind = DiffusionPolicy.kind
+    made_by = "python -m training.sft"
 
     def __init__(self, cfg, reasoner, decoder, verifier, rewards):
         super().__init__(cfg, reasoner, decoder, verifier, rewards)
