@@ -75,6 +75,7 @@ async def read_json(request: Request, limit: int) -> dict:
 
 
 def parse(model_cls, data: dict):
+    model_cls.reject_unknown(data)
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
@@ -293,6 +294,32 @@ def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "trans
     return app
 
 
+def logprobs_body(tokenizer, decoded, chat: bool) -> dict:
+    """OpenAI's log-prob shapes for one text: chat's `content` list (token, logprob, bytes,
+    top_logprobs) or the completions API's parallel lists. Tokens are the returned ones (a stop
+    token that ended the text is not returned, so neither is its log-prob)."""
+    ids = decoded.token_ids
+    lps = decoded.token_logprobs[:len(ids)]
+    tops = decoded.top_logprobs or [[] for _ in ids]
+    piece = tokenizer.decode
+
+    if chat:
+        def entry(tid, lp):
+            t = piece([tid])
+            return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]}
+                            for t, lp, top in zip(ids, lps, tops)], "refusal": None}
+    tokens = [piece([t]) for t in ids]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": lps,
+            "top_logprobs": [{piece([a]): b for a, b in top} for top in tops] if decoded.top_logprobs else None,
+            "text_offset": offsets}
+
+
 class RequestContext:
     """One accepted request: waits for its jobs (up to its deadline) and shapes the OpenAI
     response or stream. While it lives it is in `Server.inflight`, where a dead backend or the
@@ -356,9 +383,16 @@ class RequestContext:
         p = self.plan
         return await asyncio.to_thread(select, self.mode, cands, self.lay, p.rule, p.verifier, p.reference)
 
+    def _logprobs(self, decoded) -> dict | None:
+        """A choice's log-probs in the endpoint's OpenAI shape, when the request asked for them."""
+        if not self.plan.logprobs:
+            return None
+        return logprobs_body(self.srv.reasoner.tokenizer, decoded, self.chat)
+
     def _choice(self, index: int, scored) -> ChatChoice | CompletionChoice:
         c = scored.cand
-        extras = {"plan_index": c.plan_index, "score": scored.score, "verified": scored.verified}
+        extras = {"plan_index": c.plan_index, "score": scored.score, "verified": scored.verified,
+                  "logprobs": self._logprobs(c.decoded)}
         if self.chat:
             return ChatChoice(index=index, message=ChatChoiceMessage(content=c.text), finish_reason=c.finish_reason,
                               **extras)
@@ -445,7 +479,10 @@ class RequestContext:
                     scored, summary = await self._select(cands)
                     for i, s in enumerate(scored):
                         idx = p * n + i
-                        extras = {"plan_index": s.cand.plan_index, "score": s.score, "verified": s.verified}
+                        # a streamed choice's log-probs come whole with its last chunk (the SDK joins
+                        # the chunks' lists, so the total is the same as unstreamed)
+                        extras = {"plan_index": s.cand.plan_index, "score": s.score, "verified": s.verified,
+                                  "logprobs": self._logprobs(s.cand.decoded)}
                         if self.mode != "sample":  # ranked modes: the chosen texts arrive whole
                             yield self._chunk([self._delta(idx, s.cand.text)])
                         yield self._chunk([self._delta(idx, None if self.chat else "", finish=s.cand.finish_reason,

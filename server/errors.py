@@ -23,8 +23,8 @@ class APIError(Exception):
 class BadRequest(APIError):
     """400: a parameter out of its range or a request the server cannot serve as asked."""
 
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(400, message, "invalid_request_error", param, "invalid_parameter")
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_parameter"):
+        super().__init__(400, message, "invalid_request_error", param, code)
 
 
 class ShuttingDown(Exception):

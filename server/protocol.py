@@ -1,9 +1,12 @@
 """Request and response bodies: the OpenAI shapes plus LaDi's extensions.
 
-Unknown top-level keys are accepted (the OpenAI SDK's `extra_body` merges its keys into the top
-level). LaDi's own keys: latent_plans, samples_per_plan, denoising_steps, guidance_scale,
-diversity, mode, best_of, verifier, reference; and vLLM's min_tokens. Responses are built from
-the models at the end of this file.
+Every top-level key is one of these models' fields, or the request is a 400 naming it
+(`reject_unknown`): OpenAI's parameters that this server has no use for (tools, audio, ...) are
+refused as unsupported, and a key nobody defines as unknown, as OpenAI's API does. LaDi's own keys
+(the OpenAI SDK's `extra_body` merges them into the top level): latent_plans, samples_per_plan,
+denoising_steps, guidance_scale, diversity, mode, best_of, verifier, reference; and vLLM's
+sampling extensions top_k, min_p, min_tokens, repetition_penalty, ignore_eos. Responses are built
+from the models at the end of this file.
 """
 from __future__ import annotations
 
@@ -16,15 +19,40 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 Mode = Literal["sample", "best_of_n", "pass_at_k"]
 
 
+# OpenAI's request parameters that no backend here honours: a 400 says so rather than drop them
+UNSUPPORTED = {
+    "tools": "tool calling", "tool_choice": "tool calling", "parallel_tool_calls": "tool calling",
+    "functions": "function calling", "function_call": "function calling", "audio": "audio output",
+    "modalities": "output modalities other than text", "prediction": "predicted outputs",
+    "web_search_options": "web search", "reasoning_effort": "reasoning-effort settings",
+    "service_tier": "service tiers", "store": "stored completions", "metadata": "stored completions",
+    "echo": "echoing the prompt", "suffix": "suffix insertion", "verbosity": "verbosity settings",
+}
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
 
 
+class JSONSchema(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema | None = None
+
+
 class LadiParams(BaseModel):
     """Fields shared by both endpoints. Types are strict (no "3" for 3): a wrong type is a 400."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)  # extras are refused by reject_unknown first
     model: str | None = None
     n: int = 1
     temperature: float = 1.0
@@ -34,6 +62,15 @@ class LadiParams(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     min_tokens: int = 0  # vLLM's extension: stop tokens cannot end a text before this many tokens
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
+    response_format: ResponseFormat | None = None
+    # vLLM's sampling extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -48,10 +85,33 @@ class LadiParams(BaseModel):
     verifier: str | None = None
     reference: Any = None
 
-    @field_validator("temperature", "top_p", "guidance_scale", "diversity", mode="before")
+    @field_validator("temperature", "top_p", "guidance_scale", "diversity", "presence_penalty", "frequency_penalty",
+                     "min_p", "repetition_penalty", mode="before")
     @classmethod
     def _ints_are_floats(cls, v):  # JSON 1 is a fine temperature
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _int_biases(cls, v):
+        if isinstance(v, dict):
+            return {k: float(b) if isinstance(b, int) and not isinstance(b, bool) else b for k, b in v.items()}
+        return v
+
+    @classmethod
+    def reject_unknown(cls, data: dict) -> None:
+        """A 400 for the first top-level key this endpoint does not take (see UNSUPPORTED)."""
+        from .errors import BadRequest
+
+        fields = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+        extra = [k for k in data if k not in fields]
+        for k in extra:
+            if k in UNSUPPORTED:
+                raise BadRequest(f"{k} is not supported: this server does no {UNSUPPORTED[k]}", k,
+                                 code="unsupported_parameter")
+        if extra:
+            raise BadRequest(f"unknown parameter{'s' if len(extra) > 1 else ''}: {', '.join(sorted(extra))}",
+                             extra[0], code="unknown_parameter")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -72,10 +132,20 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(LadiParams):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None  # the chosen tokens' log-probs in each choice
+    top_logprobs: int | None = None  # and this many alternatives per token (needs logprobs)
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token when log-probs are asked for, else None."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(LadiParams):
     prompt: str | list[str]
+    logprobs: int | None = None  # the completions API: log-probs with this many alternatives per token
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class Usage(BaseModel):
@@ -93,7 +163,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatChoiceMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # {"content": [{token, logprob, bytes, top_logprobs}], "refusal"}
     # LaDi's annotations, on every choice of both endpoints
     plan_index: int | None = None
     score: float | None = None
@@ -104,7 +174,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
     plan_index: int | None = None
     score: float | None = None
     verified: bool | None = None

@@ -6,7 +6,8 @@ prompt length against the model's context, and the LaDi knobs that only a latent
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ladi_core.backends import SamplingParams
@@ -31,6 +32,7 @@ class WorkPlan:
     verifier: Verifier | None
     reference: Any
     prompts: list[list[int]]  # one token-id list per prompt
+    logprobs: bool = False  # the choices carry their tokens' log-probs (params.top_logprobs alternatives each)
 
 
 def plan_request(cfg: ServerConfig, reasoner: Reasoner, req: LadiParams, model_name: str) -> WorkPlan:
@@ -38,6 +40,7 @@ def plan_request(cfg: ServerConfig, reasoner: Reasoner, req: LadiParams, model_n
         raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
                        "not_found_error", "model", "model_not_found")
     params, overrides = _sampling(cfg, req)
+    params = _shaping(req, params, reasoner)
     overrides = _policy_overrides(reasoner, req, overrides)
     lay = layout(req, reasoner.is_latent, cfg.limits, one_plan=reasoner.is_latent and not reasoner.distinct_plans)
     rule, verifier = resolve_verifier(req.verifier, reasoner.checkpoint.config.task)
@@ -49,7 +52,7 @@ def plan_request(cfg: ServerConfig, reasoner: Reasoner, req: LadiParams, model_n
                             "here; the operator can turn it on with --allow-code-execution (it then runs in a "
                             "bubblewrap sandbox)", "permission_error", "verifier", "code_execution_disabled")
     prompts = [_prompt_ids(cfg, reasoner, t, params.max_tokens) for t in _prompt_texts(reasoner, req)]
-    return WorkPlan(params, overrides, lay, rule, verifier, req.reference, prompts)
+    return WorkPlan(params, overrides, lay, rule, verifier, req.reference, prompts, req.logprob_count() is not None)
 
 
 def _sampling(cfg: ServerConfig, req: LadiParams) -> tuple[SamplingParams, dict]:
@@ -82,6 +85,60 @@ def _sampling(cfg: ServerConfig, req: LadiParams) -> tuple[SamplingParams, dict]
                             logprobs=req.mode == "best_of_n", min_tokens=req.min_tokens)
     return params, overrides
 
+
+MAX_TOP_LOGPROBS = 20  # vLLM's default max_logprobs
+MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit
+
+
+def _shaping(req: LadiParams, params: SamplingParams, reasoner: Reasoner) -> SamplingParams:
+    """The sampling parameters beyond temperature and top-p: penalties, biases, top-k, min-p,
+    ignore_eos, log-probs and structured output; each range-checked, and refused when the
+    serving backend cannot honour it."""
+    for name, lo, hi in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0), ("min_p", 0.0, 1.0)):
+        v = getattr(req, name)
+        if v is not None and not lo <= v <= hi:
+            raise BadRequest(f"{name} must be between {lo:g} and {hi:g}", name)
+    if req.repetition_penalty is not None and not 0.0 < req.repetition_penalty <= 10.0:
+        raise BadRequest("repetition_penalty must be in (0, 10]", "repetition_penalty")
+    if req.top_k is not None and req.top_k < -1:
+        raise BadRequest("top_k must be -1 or 0 (all tokens) or a positive count", "top_k")
+    vocab = len(reasoner.tokenizer)
+    bias = []
+    for key, value in (req.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab:
+            raise BadRequest(f"logit_bias keys are token ids in [0, {vocab}); got {key!r}", "logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise BadRequest("logit_bias values must be between -100 and 100", "logit_bias")
+        bias.append((int(key), value))
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise BadRequest(f"logit_bias takes at most {MAX_LOGIT_BIAS} entries", "logit_bias")
+    top = req.logprob_count()
+    which = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
+    if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"{which} must be between 0 and {MAX_TOP_LOGPROBS}", which)
+    schema = None
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        schema = json.dumps({"type": "object"})
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise BadRequest("response_format of type json_schema needs a json_schema with a schema", "response_format")
+        schema = json.dumps(fmt.json_schema.schema_)
+    out = replace(params, top_k=max(0, req.top_k or 0), min_p=req.min_p or 0.0,
+                   presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                   repetition_penalty=req.repetition_penalty or 1.0, logit_bias=tuple(bias), ignore_eos=req.ignore_eos,
+                   logprobs=params.logprobs or top is not None, top_logprobs=top or 0, json_schema=schema)
+    default = SamplingParams()
+    for name, why in reasoner.backend.unsupported.items():
+        if getattr(out, name) != getattr(default, name):
+            param = _REQUEST_FIELD.get(name, name)
+            raise BadRequest(f"{param} is not available on the {reasoner.backend.name} backend: {why}", param)
+    return out
+
+
+_REQUEST_FIELD = {"json_schema": "response_format"}  # SamplingParams field -> the request's parameter
 
 # request field -> the plan policy's sampler setting it overrides
 _SAMPLER_FIELDS = {"denoising_steps": "steps", "guidance_scale": "guidance", "diversity": "diversity"}

@@ -109,9 +109,11 @@ def test_completions_endpoint(client):
 
 def test_extra_body_parameters(client):
     r = ask(client, n=4, seed=0, extra_body={"latent_plans": 2, "samples_per_plan": 2, "denoising_steps": 4,
-                                             "guidance_scale": 2.0, "diversity": 0.5, "user_tag": "ignored"})
+                                             "guidance_scale": 2.0, "diversity": 0.5})
     assert sorted(c.plan_index for c in r.choices) == [0, 0, 1, 1]
     assert r.choices[0].plan_index != r.choices[1].plan_index  # spread: the first two from two plans
+    with pytest.raises(openai.BadRequestError, match="unknown parameter: user_tag"):  # not dropped silently
+        ask(client, extra_body={"user_tag": "x"})
 
 
 def test_seed_reproduces(client):
@@ -122,9 +124,15 @@ def test_seed_reproduces(client):
 
 
 def test_stop_strings(client):
-    r = ask(client, n=3, seed=1, stop=["="], max_tokens=40)
-    for c in r.choices:
-        assert "=" not in c.message.content
+    """A stop string cuts the same seeded text where it first appears (and ends it with "stop")."""
+    free = ask(client, n=3, seed=1, max_tokens=40)
+    cut = ask(client, n=3, seed=1, stop=["="], max_tokens=40)
+    assert any("=" in c.message.content for c in free.choices)  # there is something to cut
+    for f, c in zip(free.choices, cut.choices):
+        text = f.message.content
+        assert c.message.content == text.split("=")[0]
+        if "=" in text:
+            assert c.finish_reason == "stop"
 
 
 def test_best_of_n_ranks_by_likelihood_and_majority(client):
@@ -332,8 +340,7 @@ def test_unknown_route_and_method(live):
 def test_client_disconnecting_mid_stream_stops_its_generation(live, client):
     gone_before = metric(live.url, "ladi:requests_total", status="499")
     # min_tokens: the texts cannot all end before the client leaves (that would be a 200, not a 499)
-    body = {"messages": [{"role": "user", "content": Q}], "n": 8, "max_tokens": 64, "min_tokens": 64, "stream": True,
-            "extra_body_ignored": 1}
+    body = {"messages": [{"role": "user", "content": Q}], "n": 8, "max_tokens": 64, "min_tokens": 64, "stream": True}
     with httpx.Client(timeout=30) as h, h.stream("POST", live.url + "/v1/chat/completions", json=body) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(3)]

@@ -22,6 +22,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = True  # False: a backend may skip them (vLLM computes them only when asked)
     min_tokens: int = 0  # stop tokens cannot end a text before this many tokens (vLLM's min_tokens)
+    # the rest as vLLM's own SamplingParams means them; penalties and biases act on the logits
+    # before temperature, then top-k / top-p / min-p filter the distribution
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per occurrence so far
+    repetition_penalty: float = 1.0  # a generated token's logit divided by it (> 0) or multiplied (< 0)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
+    ignore_eos: bool = False  # stop tokens do not end the text: it runs to max_tokens
+    top_logprobs: int = 0  # alternatives returned per token (needs logprobs)
+    json_schema: str | None = None  # structured output: the text must match this JSON schema (JSON text)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -32,6 +43,14 @@ class SamplingParams:
             raise ValueError("max_tokens must be >= 1")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError("min_tokens must be between 0 and max_tokens")
+        if self.top_k < 0 or not 0.0 <= self.min_p <= 1.0 or self.repetition_penalty <= 0 or self.top_logprobs < 0:
+            raise ValueError("need top_k >= 0, min_p in [0, 1], repetition_penalty > 0 and top_logprobs >= 0")
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether anything but temperature / top-p acts on the logits (the slow path in torch)."""
+        return bool(self.top_k or self.min_p or self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or self.logit_bias)
 
 
 class BackendDead(RuntimeError):
@@ -49,6 +68,8 @@ class Decoded:
     logprob: float | None
     finish_reason: str  # "stop" | "length" | "abort"
     token_logprobs: list[float] = field(default_factory=list)
+    # per returned token, its `top_logprobs` most likely alternatives (id, log-prob), best first
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +101,8 @@ class DecoderBackend(Protocol):
     name: str
     continuous_batching: bool  # True: concurrent submit()/generate() calls are batched together by the backend
     max_model_len: int | None  # the longest prefix + continuation it decodes (None: unknown)
+    # SamplingParams fields it cannot honour -> why (a request that sets one gets a 400 saying so)
+    unsupported: dict[str, str]
 
     def input_embeddings(self) -> torch.nn.Module | None:
         """The decoder's token-embedding module when it lives in this process (shared, not copied)."""

@@ -1,9 +1,10 @@
 """Decoder backend on plain transformers: batched prefill over left-padded prefix embeddings, the
 KV cache repeated n times (the n continuations share their prefix), then a token loop.
 
-Each prefix may carry its own SamplingParams (temperature, top_p, max_tokens, seed), so requests
-that arrive together decode in one batch; a seeded prefix draws from its own generator, so its
-samples do not depend on what it was batched with. An optional observer sees every step's tokens
+Each prefix may carry its own SamplingParams (temperature, top_p, max_tokens, seed, penalties,
+biases, top-k, min-p, ignore_eos, top log-probs), so requests that arrive together decode in one
+batch; a seeded prefix draws from its own generator, so its samples do not depend on what it was
+batched with. An optional observer sees every step's tokens
 (streaming) and may abort rows (a client gone, a stop string reached).
 """
 from __future__ import annotations
@@ -18,25 +19,67 @@ from .base import Decoded, SamplingParams, StepObserver, apply_stop, finished, p
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                generators: list[tuple[slice, torch.Generator | None]]) -> torch.Tensor:
-    """One token per row. temperature/top_p: [rows]; rows at temperature 0 are greedy.
-    generators: row ranges and the generator each range draws from."""
+                generators: list[tuple[slice, torch.Generator | None]], top_k: torch.Tensor | None = None,
+                min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row. temperature/top_p/top_k/min_p: [rows]; rows at temperature 0 are greedy.
+    generators: row ranges and the generator each range draws from. Filters in vLLM's order:
+    top-k, then top-p, then min-p, on the temperature-scaled distribution."""
     greedy = logits.argmax(-1)
     temp = temperature.clamp_min(1e-5)[:, None]
     probs = torch.softmax(logits.float() / temp, -1)
+    if top_k is not None and bool((top_k > 0).any()):
+        kth = probs.topk(int(top_k.max()), -1).values.gather(1, (top_k.clamp_min(1) - 1)[:, None])
+        probs = probs.masked_fill((probs < kth) & (top_k > 0)[:, None], 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
     if bool((top_p < 1.0).any()):
         sorted_p, idx = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p[:, None]  # keep the smallest set reaching top_p
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    if min_p is not None and bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
     out = torch.empty_like(greedy)
     for rows, gen in generators:
         out[rows] = torch.multinomial(probs[rows], 1, generator=gen).squeeze(-1)
     return torch.where(temperature == 0, greedy, out)
 
 
+class LogitShaper:
+    """vLLM's logit processing for a batch of rows, each with its own settings: `logit_bias` added,
+    then the penalties on the tokens each row has generated so far (presence once, frequency per
+    occurrence, repetition dividing a positive logit and multiplying a negative one). The prompt
+    arrives as embeddings, so only generated tokens count towards the penalties."""
+
+    def __init__(self, params: list[SamplingParams], reps: torch.Tensor, vocab: int, device):
+        def per_row(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(reps)
+
+        rows = int(reps.sum())
+        self.presence = per_row([p.presence_penalty for p in params])[:, None]
+        self.frequency = per_row([p.frequency_penalty for p in params])[:, None]
+        self.repetition = per_row([p.repetition_penalty for p in params])[:, None]
+        self.top_k = per_row([p.top_k for p in params], torch.long)
+        self.min_p = per_row([p.min_p for p in params])
+        bias = torch.zeros(len(params), vocab, device=device)
+        for i, p in enumerate(params):
+            for tok, b in p.logit_bias:
+                bias[i, tok] += b
+        self.bias = bias.repeat_interleave(reps, 0)
+        self.counts = torch.zeros(rows, vocab, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        x = logits.float() + self.bias
+        seen = self.counts > 0
+        x = torch.where(seen, torch.where(x > 0, x / self.repetition, x * self.repetition), x)
+        return x - self.frequency * self.counts - self.presence * seen.float()
+
+    def update(self, tokens: torch.Tensor) -> None:
+        self.counts[torch.arange(tokens.shape[0], device=tokens.device), tokens] += 1
+
+
 class TransformersBackend:
     name = "transformers"
     continuous_batching = False  # a call owns the model until it returns
+    unsupported = {"json_schema": "structured outputs need a grammar engine, which only the vllm backend has"}
 
     def __init__(self, model, tokenizer, max_batch_seqs: int = 1024):
         self.model = model.eval()
@@ -118,6 +161,9 @@ class TransformersBackend:
         top_p = torch.tensor([p.top_p for p in params], device=dev).repeat_interleave(reps)
         limit = torch.tensor([p.max_tokens for p in params], device=dev).repeat_interleave(reps)
         min_tokens = torch.tensor([p.min_tokens for p in params], device=dev).repeat_interleave(reps)
+        ignore_eos = torch.tensor([p.ignore_eos for p in params], device=dev).repeat_interleave(reps)
+        shaper = LogitShaper(params, reps, logits.shape[-1], dev) if any(p.shapes_logits for p in params) else None
+        k_top = max(p.top_logprobs for p in params)
         is_stop = torch.isin(torch.arange(logits.shape[-1], device=dev), self.stop_ids)  # [vocab]
         # consecutive prefixes with the same generator draw together (rows are prefix-major)
         groups: list[tuple[slice, torch.Generator | None]] = []
@@ -131,17 +177,28 @@ class TransformersBackend:
         max_steps = int(limit.max())
         tokens = torch.full((rows, max_steps), self.tokenizer.pad_token_id, dtype=torch.long)
         logps = torch.zeros(rows, max_steps)
+        tops = (torch.zeros(rows, max_steps, k_top, dtype=torch.long), torch.zeros(rows, max_steps, k_top)) \
+            if k_top else None
         lengths = limit.clone().cpu()
         stopped = torch.zeros(rows, dtype=torch.bool, device=dev)  # ended by a stop token
         aborted = torch.zeros(rows, dtype=torch.bool, device=dev)
         done = torch.zeros(rows, dtype=torch.bool, device=dev)
         for step in range(max_steps):
+            # log-probs are the model's own (vLLM's raw_logprobs), before any shaping or masking
+            raw = torch.log_softmax(logits.float(), -1)
+            if shaper is not None:
+                logits = shaper(logits)
             early = min_tokens > step  # rows whose stop tokens are masked until min_tokens
             if bool(early.any()):
                 logits = logits.masked_fill(early[:, None] & is_stop, float("-inf"))
-            tok = sample_next(logits, temperature, top_p, groups)
-            lp = torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
-            hit = torch.isin(tok, self.stop_ids) & ~done
+            tok = sample_next(logits, temperature, top_p, groups, *((shaper.top_k, shaper.min_p) if shaper else ()))
+            lp = raw.gather(-1, tok[:, None]).squeeze(-1)
+            if tops is not None:
+                vals, idx = raw.topk(k_top, -1)
+                tops[0][:, step], tops[1][:, step] = idx.cpu(), vals.cpu()
+            if shaper is not None:
+                shaper.update(tok)
+            hit = torch.isin(tok, self.stop_ids) & ~done & ~ignore_eos
             lengths[hit.cpu()] = step
             stopped |= hit
             tokens[:, step] = tok.cpu()
@@ -172,6 +229,10 @@ class TransformersBackend:
                 text, cut = apply_stop(self.tokenizer.decode(ids, skip_special_tokens=True), p.stop)
                 finish = "stop" if (cut or bool(stopped[r])) else "abort" if bool(aborted[r]) else "length"
                 lps = logps[r, : ln + int(bool(stopped[r]))].tolist()
-                group.append(Decoded(text, ids, float(sum(lps)), finish, lps))
+                top = None
+                if p.top_logprobs:
+                    top = [list(zip(tops[0][r, t, :p.top_logprobs].tolist(), tops[1][r, t, :p.top_logprobs].tolist()))
+                           for t in range(ln)]
+                group.append(Decoded(text, ids, float(sum(lps)), finish, lps, top))
             results.append(group)
         return results

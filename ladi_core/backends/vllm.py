@@ -190,9 +190,26 @@ def _own_collectors():
     return own
 
 
+def structured_outputs(p: SamplingParams):
+    """vLLM's structured-output request for a JSON schema (None without one)."""
+    if p.json_schema is None:
+        return None
+    import json
+
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(json=json.loads(p.json_schema))
+
+
 class VLLMBackend:
     name = "vllm"
     continuous_batching = True  # concurrent generate() calls share the engine's running batch
+    # vLLM counts the prompt's token ids in the repetition penalty, and a prompt sent as embeddings
+    # has none: it reads whatever ids an earlier request left in the batch slot (measured: the same
+    # greedy request gave different texts from a clean computation)
+    unsupported = {"repetition_penalty": "vLLM applies it to the prompt's token ids too, and a prompt sent as "
+                                          "embeddings has none (vLLM reads stale ids); the transformers backend "
+                                          "applies it to the generated tokens"}
     free_cpus: set[int] | None  # CPU builds: the CPUs the engine's worker leaves free (the server runs there)
 
     def __init__(self, decoder_dir: str | Path, tokenizer, options: VLLMOptions | None = None):
@@ -324,19 +341,24 @@ class VLLMBackend:
             observer = None
         kind = RequestOutputKind.FINAL_ONLY if observer is None else RequestOutputKind.DELTA
         sp = VSamplingParams(n=n, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=seed,
-                             min_tokens=p.min_tokens,
-                             logprobs=0 if p.logprobs else None, stop_token_ids=self.stop_ids,
+                             min_tokens=p.min_tokens, top_k=p.top_k, min_p=p.min_p,
+                             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                             repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None,
+                             ignore_eos=p.ignore_eos, structured_outputs=structured_outputs(p),
+                             logprobs=p.top_logprobs if p.logprobs else None,
+                             stop_token_ids=[] if p.ignore_eos else self.stop_ids,
                              detokenize=False, output_kind=kind)  # texts: one decode at the end, below
         rid = f"ladi-{next(self._ids)}"
         ids: list[list[int]] = [[] for _ in range(n)]
         lps: list[list[float]] = [[] for _ in range(n)]
+        tops: list[list[list[tuple[int, float]]]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         aborted = [False] * n
         dead = self.dead()
         if dead is not None:
             raise BackendDead(dead)
         try:
-            await self._collect(prefix, sp, rid, ids, lps, finish, aborted, observer, row_offset)
+            await self._collect(prefix, sp, rid, ids, lps, tops, finish, aborted, observer, row_offset)
         except EngineDeadError as err:  # raised to requests before `errored` may say so
             raise BackendDead("the vLLM engine core process died") from err
         except Exception as err:  # whatever else a dying engine raises first
@@ -344,10 +366,11 @@ class VLLMBackend:
             if dead is not None:
                 raise BackendDead(dead) from err
             raise
-        return self._results(n, ids, lps, finish, aborted, p)
+        return self._results(n, ids, lps, tops, finish, aborted, p)
 
-    async def _collect(self, prefix, sp, rid, ids, lps, finish, aborted, observer, row_offset) -> None:
-        """One engine request's outputs, gathered into ids / lps / finish / aborted (one list per text)."""
+    async def _collect(self, prefix, sp, rid, ids, lps, tops, finish, aborted, observer, row_offset) -> None:
+        """One engine request's outputs, gathered into ids / lps / tops / finish / aborted (one list per text)."""
+        stops = set(sp.stop_token_ids or ())
         async for out in self.engine.generate({"prompt_embeds": prefix.detach().cpu()}, sp, rid):
             for c in out.outputs:
                 j = c.index
@@ -355,30 +378,34 @@ class VLLMBackend:
                 ids[j].extend(new)
                 if c.logprobs:
                     lps[j].extend(lp[t].logprob for lp, t in zip(c.logprobs, new))
+                    if sp.logprobs:  # the top alternatives by rank (the sampled token rides along)
+                        tops[j].extend(sorted(((tid, x.logprob) for tid, x in lp.items() if x.rank <= sp.logprobs),
+                                              key=lambda a: -a[1]) for lp in c.logprobs)
                 finish[j] = c.finish_reason or finish[j]
                 if observer is None:
                     continue
                 for tok in new:
-                    abort = observer.on_step(row_offset + j, [tok], [tok in self.stop_ids])
+                    abort = observer.on_step(row_offset + j, [tok], [tok in stops])
                     if abort is not None and abort[0]:
                         aborted[j] = True
             if all(aborted):
                 await self.engine.abort(rid)
                 break
 
-    def _results(self, n, ids, lps, finish, aborted, p: SamplingParams) -> list[Decoded]:
+    def _results(self, n, ids, lps, tops, finish, aborted, p: SamplingParams) -> list[Decoded]:
         results = []
         for j in range(n):
             if not ids[j] and finish[j] is None:
                 results.append(Decoded("", [], 0.0 if p.logprobs else None, "abort"))
                 continue
-            kept = [t for t in ids[j] if t not in self.stop_ids]
+            kept = list(ids[j]) if p.ignore_eos else [t for t in ids[j] if t not in self.stop_ids]
             text, stopped = apply_stop(self.tokenizer.decode(kept, skip_special_tokens=True), p.stop)
             # like the transformers backend: the stop token's log-prob counts, its id is not returned
             reason = "abort" if aborted[j] and not stopped else ("stop" if stopped or finish[j] == "stop"
                                                                else "length")
             logprob = float(sum(lps[j])) if p.logprobs else None
-            results.append(Decoded(text, kept, logprob, reason, lps[j]))
+            top = tops[j][:len(kept)] if p.top_logprobs and p.logprobs else None
+            results.append(Decoded(text, kept, logprob, reason, lps[j], top))
         return results
 
     @property
