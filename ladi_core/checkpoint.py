@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +61,18 @@ class LadiConfig(BaseModel):
     policy: dict[str, Any] | None = None
     sampler: dict[str, Any] | None = None
     provenance: Provenance
+
+
+def exit_on_user_error(main: Callable[[], Any]) -> Any:
+    """Run a command-line entry point. A checkpoint the user pointed at that cannot be used is the
+    user's error, not a bug: one line on stderr (every reason found, joined) and exit status 2.
+    Anything else keeps its traceback."""
+    try:
+        return main()
+    except CheckpointError as err:
+        reasons = [line.strip().removeprefix("- ") for line in str(err).splitlines() if line.strip()]
+        print("error: " + " ".join(reasons), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def git_commit() -> str | None:
@@ -157,6 +170,37 @@ def _check_state(module: torch.nn.Module, file: Path, problems: list[str]) -> di
     return state
 
 
+def _check_decoder(dec: Path, problems: list[str]) -> None:
+    """The decoder's safetensors against the model its config.json describes: every tensor there,
+    none unexpected, every shape right. Only headers are read; the model is built on the meta
+    device (no memory), so this costs the same for a tiny decoder and a 7B one."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(dec)))
+    state = model.state_dict()
+    found: dict[str, tuple[int, ...]] = {}
+    for f in sorted(dec.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    found[k] = tuple(h.get_slice(k).get_shape())
+        except Exception as err:  # a damaged header: safetensors raises its own error types
+            problems.append(f"decoder/{f.name}: unreadable ({err})")
+            return
+    # tied weights (lm_head = embed_tokens) are saved once: the source's presence covers the target
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for k in sorted(set(state) - set(found)):
+        if not (k in tied and tied[k] in found):
+            problems.append(f"decoder weights: missing tensor {k}")
+    for k in sorted(set(found) - set(state)):
+        problems.append(f"decoder weights: unexpected tensor {k}")
+    for k in sorted(set(found) & set(state)):
+        if found[k] != tuple(state[k].shape):
+            problems.append(f"decoder weights: {k} has shape {found[k]}, config.json implies {tuple(state[k].shape)}")
+
+
 def read_config(path: str | Path) -> LadiConfig:
     path = Path(path)
     file = path / CONFIG_FILE
@@ -194,6 +238,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
             problems.append(f"decoder/config.json unreadable ({err})")
         if not list(dec.glob("*.safetensors")):
             problems.append("decoder/ has no .safetensors weights (pickled weights are not loaded)")
+        elif hidden is not None:
+            _check_decoder(dec, problems)
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(dec))

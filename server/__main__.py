@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ladi_core.backends.vllm import add_option_arguments, options_from_arguments
+from ladi_core.checkpoint import CheckpointError, exit_on_user_error, read_config
 
 from .config import Limits, ServerConfig
 
@@ -165,6 +166,7 @@ def main(argv=None) -> None:
             check()
         except SandboxUnavailable as err:
             raise SystemExit(f"error: --allow-code-execution needs the code sandbox: {err}") from None
+    read_config(cfg.checkpoint)  # a path that is no checkpoint: one line (exit_on_user_error), not a traceback
     cfg = resolve_engine_options(cfg, backend)
     shown = cfg.model_dump()
     if shown["api_key"]:
@@ -173,6 +175,8 @@ def main(argv=None) -> None:
     t0 = time.time()
     try:
         app = build_app(cfg, backend)
+    except CheckpointError:
+        raise
     except Exception as err:
         print(_start_failure(backend, err), flush=True)
         os._exit(1)  # an engine that failed half-way may hold threads that block a normal exit
@@ -184,4 +188,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -2,6 +2,7 @@
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +64,15 @@ def _copy(src, tmp_path):
     return dst
 
 
+def _resave_decoder(d, fn):
+    from safetensors.torch import load_file, save_file
+
+    f = d / "decoder" / "model.safetensors"
+    state = load_file(f)
+    fn(state)
+    save_file({k: v.contiguous() for k, v in state.items()}, f)
+
+
 def _edit_json(path, fn):
     cfg = json.loads((path / "ladi.json").read_text())
     fn(cfg)
@@ -82,6 +92,13 @@ def _edit_json(path, fn):
     (lambda d: (d / "codec.safetensors").write_bytes(b"\x00" * 64), "codec.safetensors: unreadable"),
     (lambda d: (d / "decoder" / "model.safetensors").rename(d / "decoder" / "pytorch_model.bin"),
      "no .safetensors weights"),
+    # the decoder's weights are checked as the codec's and the policy's are: header, names, shapes
+    (lambda d: (d / "decoder" / "model.safetensors").write_bytes(b"\x00" * 64), "model.safetensors: unreadable"),
+    (lambda d: _resave_decoder(d, lambda s: s.update({k: v[:-1] for k, v in s.items()
+                                                      if k.endswith("up_proj.weight")})),
+     r"up_proj.weight has shape .*, config.json implies"),
+    (lambda d: _resave_decoder(d, lambda s: s.pop("model.norm.weight")), "missing tensor model.norm.weight"),
+    (lambda d: _resave_decoder(d, lambda s: s.update(extra=torch.zeros(2))), "unexpected tensor extra"),
 ])
 def test_broken_checkpoints_are_rejected_with_a_clear_message(latent_ckpt, tmp_path, damage, message):
     d = _copy(latent_ckpt, tmp_path)
@@ -142,3 +159,24 @@ def test_a_sampler_default_changes_with_its_evidence_recorded(latent_ckpt, token
         set_sampler_default(d, {}, stepz=5)
     with pytest.raises(CheckpointError, match="token-level"):
         set_sampler_default(_copy(token_ckpt, tmp_path / "t"), {}, steps=5)
+
+
+SHIPPED = sorted(p.parent for p in (Path(__file__).resolve().parent.parent / "checkpoints").glob("*/ladi.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ckpt", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_checkpoint_loads_and_answers_greedily(ckpt):
+    """What `make serve` and the README's commands load: each committed checkpoint validates and
+    writes a well-formed countdown answer from its own plans (or none), the same twice."""
+    from ladi_core.tasks import get_task
+
+    reasoner = Reasoner.from_checkpoint(ckpt)
+    qs = get_task("countdown").questions("test", 4, seed=0)
+    greedy = SamplingParams(temperature=0.0, max_tokens=96, seed=0)
+    first = [g.completions[0].text for g in reasoner.generate([q.prompt for q in qs], 1, 1, greedy)]
+    again = [g.completions[0].text for g in reasoner.generate([q.prompt for q in qs], 1, 1, greedy)]
+    assert first == again
+    verifier = get_task("countdown").verifier
+    formats = [verifier.score(t, q.reference).format for t, q in zip(first, qs)]
+    assert sum(f >= 1.0 for f in formats) >= 3, list(zip(first, formats))

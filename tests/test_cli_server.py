@@ -176,3 +176,29 @@ def test_sigterm_under_load_answers_every_accepted_request(latent_ckpt, tmp_path
     assert finished + errored == len(results)
     assert errored >= 1, "the long requests should outlast a 3 s grace period"
     assert finished >= 1, results
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "corrupt"])
+def test_a_checkpoint_the_user_got_wrong_is_one_line_and_exit_2(damage, token_ckpt, tmp_path):
+    """A user's error is not a bug: one line on stderr naming what is wrong, status 2, no traceback."""
+    import shutil
+    import subprocess
+
+    ckpt = tmp_path / "ckpt"
+    if damage != "missing":
+        shutil.copytree(token_ckpt, ckpt)
+        weights = ckpt / "decoder" / "model.safetensors"
+        if damage == "truncated":
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        else:
+            (ckpt / "ladi.json").write_text("{not json")
+    runs = [[sys.executable, "-m", "server", "--checkpoint", str(ckpt)],
+            [sys.executable, "-m", "training.rl", "--algo", "grpo", "--init", str(ckpt), "--out", str(tmp_path / "rl"),
+             "--preset", "smoke"]]
+    for cmd in runs:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=clean_env())
+        lines = [x for x in p.stderr.splitlines() if x.strip() and "Warning" not in x and "warn(" not in x]
+        assert p.returncode == 2, (cmd, p.stderr[-2000:])
+        assert "Traceback" not in p.stderr and len(lines) == 1 and lines[0].startswith("error: checkpoint"), p.stderr
+        assert {"missing": "not a directory", "truncated": "model.safetensors: unreadable",
+                "corrupt": "not valid JSON"}[damage] in lines[0]

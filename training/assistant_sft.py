@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ladi_core.checkpoint import command_line, git_commit, load_checkpoint
+from ladi_core.checkpoint import command_line, exit_on_user_error, git_commit, load_checkpoint
 from ladi_core.decoder import load_decoder
 from ladi_core.generation import pad_embeds
 from ladi_core.policies import AssistantPolicy, AssistantPolicyConfig, info_nce
@@ -134,4 +134,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()  # a failed run raises, and Python exits non-zero
+    exit_on_user_error(main)  # a failed run raises, and Python exits non-zero

@@ -8,6 +8,7 @@ import argparse
 import time
 
 from ladi_core.backends import SamplingParams
+from ladi_core.checkpoint import exit_on_user_error
 from ladi_core.generation import Reasoner
 from ladi_core.tasks import get_task
 
@@ -54,4 +55,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ladi_core.backends import SamplingParams
+from ladi_core.checkpoint import exit_on_user_error, read_config
 from ladi_core.decoder import load_decoder
 from ladi_core.generation import Reasoner, pad_embeds
 from ladi_core.metrics import distinct_correct, maj_at_k, mean_pairwise_distance, pass_at_k
@@ -280,6 +281,8 @@ def main(argv=None) -> dict:
     results, per_question = {}, {}
     parts = out / "parts"
     parts.mkdir(exist_ok=True)
+    for ckpt in args.checkpoint:
+        read_config(ckpt)  # every path is a checkpoint, before the first one's minutes of work
     for name, ckpt in zip(names, args.checkpoint):
         part = parts / f"{name}-{part_key(args, ckpt)}.json"
         if part.is_file():
@@ -329,4 +332,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

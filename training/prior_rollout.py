@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ladi_core.checkpoint import command_line, git_commit, load_checkpoint
+from ladi_core.checkpoint import command_line, exit_on_user_error, git_commit, load_checkpoint
 from ladi_core.codec import with_plans
 from ladi_core.decoder import load_decoder
 from ladi_core.generation import pad_embeds
@@ -136,4 +136,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()  # a failed run raises, and Python exits non-zero
+    exit_on_user_error(main)  # a failed run raises, and Python exits non-zero

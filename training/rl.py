@@ -28,7 +28,14 @@ from tqdm import tqdm
 
 from ladi_core.backends import SamplingParams
 from ladi_core.backends.vllm import add_option_arguments, options_from_arguments
-from ladi_core.checkpoint import command_line, git_commit, make_provenance, save_checkpoint, update_metrics
+from ladi_core.checkpoint import (
+    command_line,
+    exit_on_user_error,
+    git_commit,
+    make_provenance,
+    save_checkpoint,
+    update_metrics,
+)
 from ladi_core.generation import Reasoner
 from ladi_core.tasks import get_task
 
@@ -307,4 +314,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

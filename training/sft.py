@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ladi_core.backends import SamplingParams
 from ladi_core.checkpoint import (
     command_line,
+    exit_on_user_error,
     git_commit,
     load_checkpoint,
     make_provenance,
@@ -300,4 +301,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()  # a failed run raises, and Python exits non-zero
+    exit_on_user_error(main)  # a failed run raises, and Python exits non-zero

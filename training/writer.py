@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ladi_core.checkpoint import command_line, git_commit, load_checkpoint
+from ladi_core.checkpoint import command_line, exit_on_user_error, git_commit, load_checkpoint
 from ladi_core.decoder import load_decoder
 from ladi_core.tasks import get_task
 
@@ -98,4 +98,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()  # a failed run raises, and Python exits non-zero
+    exit_on_user_error(main)  # a failed run raises, and Python exits non-zero
