@@ -1,5 +1,6 @@
 """training.eval writes the pass@k table, JSON and plot for several checkpoints."""
 import json
+import math
 
 import pytest
 
@@ -22,7 +23,22 @@ def test_eval_cli_writes_table_json_and_plot(latent_ckpt, token_ckpt, tmp_path):
     table = (out / "table.md").read_text()
     assert "pass@4" in table and latent_ckpt.name in table
     assert (out / "passk.png").stat().st_size > 1000
-    assert len((out / "per_question.jsonl").read_text().splitlines()) == 12
+    rows = [json.loads(x) for x in (out / "per_question.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    # every figure recomputed from the per-question file, independently of training.eval's summary
+    for name, s in data["results"].items():
+        mine = [r for r in rows if r["checkpoint"] == name]
+        for k in (1, 2, 4):
+            est = [1 - math.comb(r["n"] - r["c"], k) / math.comb(r["n"], k) for r in mine]
+            assert s[f"pass@{k}"] == pytest.approx(sum(est) / len(est))
+        maj = []
+        for r in mine:  # the most votes wins, ties to the answer seen first (votes are in first-seen order)
+            best = max((v[1] for v in r["votes"]), default=0)
+            maj.append(next((v[2] for v in r["votes"] if v[1] == best), False))
+        assert s["maj@4"] == pytest.approx(sum(maj) / len(maj))
+        assert s["distinct_correct"] == pytest.approx(sum(sum(v[2] for v in r["votes"]) for r in mine) / len(mine))
+        assert all(sum(v[1] for v in r["votes"]) <= r["n"] and sum(v[1] for v in r["votes"] if v[2]) == r["c"]
+                   for r in mine)
 
 
 def test_eval_rejects_bad_k(latent_ckpt, tmp_path):

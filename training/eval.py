@@ -55,11 +55,23 @@ def evaluate(reasoner: Reasoner, questions: list[Question], verifier: Verifier, 
                 "distinct_correct": distinct_correct(answers, correct),
                 "plan_distance": mean_pairwise_distance(g.plans) if g.plans is not None and len(g.plans) > 1 else None,
                 "tokens": statistics.fmean(len(c.decoded.token_ids) for c in g.completions),
+                "votes": votes(answers, correct),
                 "example": g.completions[0].text,
             })
         bar.update(len(chunk))
     bar.close()
     return records
+
+
+def votes(answers: list[str | None], correct: list[bool]) -> list[list]:
+    """[answer, count, correct] per distinct parsed answer, in first-seen order: what maj@k (ties to
+    the first seen), distinct correct solutions and the answer spread are recomputed from in
+    per_question.jsonl, at a fraction of the size of every sample's answer."""
+    seen: dict[str, list] = {}
+    for a, ok in zip(answers, correct):
+        if a is not None:
+            seen.setdefault(a, [a, 0, ok])[1] += 1
+    return list(seen.values())
 
 
 @torch.no_grad()
