@@ -288,3 +288,23 @@ def test_what_a_backend_cannot_honour_is_refused_by_name(served):
             assert set(doc) == {"answer"} and isinstance(doc["answer"], int)
         else:
             assert c.message.content.startswith("{")
+
+
+def test_the_readmes_parameter_tables_match_the_request_models():
+    """Every accepted parameter is in the README's tables, and nothing there is not accepted."""
+    import re
+    from pathlib import Path
+
+    from server.protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Parameters"):readme.index("### Modes")]
+    documented = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            first_cell = line.split("|")[1]
+            documented |= set(re.findall(r"`([a-z_.]+)`", first_cell))
+    documented = {d.split(".")[0] for d in documented}  # stream_options.include_usage -> stream_options
+    accepted = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
+    assert documented == accepted, (sorted(documented - accepted), sorted(accepted - documented))
+    assert all(f"`{k}`" in section for k in UNSUPPORTED)

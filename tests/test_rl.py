@@ -3,6 +3,7 @@ checkpoint, the trainer end to end for both algorithms, --resume, and a 2-proces
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -298,3 +299,66 @@ def test_vllm_rollouts_are_refused_under_torchrun(latent_ckpt, tmp_path, monkeyp
     with pytest.raises(SystemExit, match="one engine in one process"):
         rl.main(["--algo", "ladi", "--init", str(latent_ckpt), "--out", str(tmp_path / "x"), "--preset", "smoke",
                  "--rollout-backend", "vllm"])
+
+
+@pytest.mark.slow
+def test_ddp_ends_with_the_weights_of_one_process_on_the_same_global_batch(token_ckpt, tmp_path):
+    """Not the trainer's own "ranks in sync": two ranks, each half the questions, must end where one
+    process with all of them ends (token GRPO: every text's stream is seeded by its question)."""
+    from safetensors.torch import load_file
+
+    common = ["-m", "training.rl", "--algo", "grpo", "--init", str(token_ckpt), "--preset", "smoke", "--steps", "2",
+              "--eval-questions", "2", "--threads", "1", "--lr", "1e-4"]
+    runs = {"ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+                    *common[:]], "one": [sys.executable, *common]}
+    for name, cmd in runs.items():
+        r = subprocess.run(cmd + ["--out", str(tmp_path / name)], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    init = load_file(token_ckpt / "decoder" / "model.safetensors")
+    ddp = load_file(tmp_path / "ddp" / "decoder" / "model.safetensors")
+    one = load_file(tmp_path / "one" / "decoder" / "model.safetensors")
+    assert any(not torch.equal(init[k], one[k]) for k in init)  # the run moved the weights
+    for k in one:
+        assert torch.allclose(ddp[k], one[k], atol=1e-5, rtol=0), (k, (ddp[k] - one[k]).abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,flags", [
+    ("grpo", ["--kl-beta", "0.1"]),
+    ("ladi", ["--kl-beta", "0.1"]),
+    ("ladi", ["--diversity", "0.5"]),
+    ("grpo", ["--ppo-epochs", "2"]),
+    ("grpo", ["--loss-norm", "dr_grpo"]),
+    ("ladi", ["--text-policy-coef", "1", "--text-lr", "1e-4"]),
+], ids=["grpo-kl", "ladi-kl", "ladi-diversity", "grpo-ppo2", "grpo-dr", "ladi-text-policy"])
+def test_each_rl_flag_runs_end_to_end_with_figures_in_range(algo, flags, latent_ckpt, token_ckpt, tmp_path):
+    init = latent_ckpt if algo == "ladi" else token_ckpt
+    out = tmp_path / "run"
+    rl.main(["--algo", algo, "--init", str(init), "--out", str(out), "--preset", "smoke", "--steps", "2",
+             "--eval-questions", "2", "--lr", "1e-3", *flags])
+    lines = metrics_lines(out)
+    assert [x["step"] for x in lines] == [0, 1]
+    for x in lines:
+        assert 0.0 <= x["reward_mean"] <= 1.0 and 0.0 <= x["zero_std_groups"] <= 1.0
+        assert 0.0 <= x["clip_frac"] <= 1.0 and x["approx_kl"] >= 0.0 and math.isfinite(x["policy_loss"])
+    if "--kl-beta" in flags:
+        assert all(x["kl_ref"] >= 0.0 for x in lines)
+        assert lines[0]["kl_ref"] == pytest.approx(0.0, abs=1e-6)  # the first step starts at the reference
+    if "--ppo-epochs" in flags:
+        assert lines[0]["approx_kl"] > 0.0  # the second epoch's ratio has moved off 1
+    if "--diversity" in flags:
+        assert all(x["plan_diversity"] > 0 for x in lines)
+    if "--text-policy-coef" in flags:
+        before = load_file_decoder(init)
+        after = load_file_decoder(out)
+        assert any(not torch.equal(before[k], after[k]) for k in before)  # the text policy trained the decoder
+    saved = read_config(out).provenance.config
+    for flag, value in zip(flags[::2], flags[1::2]):
+        key = flag[2:].replace("-", "_")
+        assert str(saved[key]) == value or saved[key] == float(value), (key, saved[key])
+
+
+def load_file_decoder(ckpt):
+    from safetensors.torch import load_file
+
+    return load_file(ckpt / "decoder" / "model.safetensors")

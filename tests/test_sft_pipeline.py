@@ -89,3 +89,34 @@ def test_a_stage_whose_loss_is_not_finite_fails(tmp_path):
         run_stage("demo", StageConfig(steps=5, batch_size=1, lr=1e-3, warmup=0), {"m": torch.nn.Linear(1, 1)}, [w],
                   lambda rng, gen, progress: ((w * float("nan")).sum(), {}), PRESETS["smoke"], tmp_path,
                   MetricsLog(tmp_path / "m.jsonl"))
+
+
+@pytest.mark.slow
+def test_resume_across_a_real_stage_boundary_reproduces_the_uninterrupted_run(latent_ckpt, tmp_path, monkeypatch):
+    """The smoke run, killed in its codec stage (after the decoder stage finished and a codec save),
+    then --resume: the checkpoint it ends with is the uninterrupted run's, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ckpt"
+    args = ["--task", "countdown", "--preset", "smoke", "--out", str(out), "--seed", "0"]
+    real = sft.latent_reconstruction_loss
+    calls = {"n": 0}
+
+    def dies_in_the_codec_stage(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 50:  # smoke saves every 40 steps: this is after the step-40 save
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sft, "latent_reconstruction_loss", dies_in_the_codec_stage)
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(args)
+    work = out.with_name("ckpt.work")
+    assert (work / "decoder.pt").is_file() and (work / "codec.pt").is_file() and not (work / "prior.pt").exists()
+    monkeypatch.setattr(sft, "latent_reconstruction_loss", real)
+    sft.main(args + ["--resume"])
+    for rel in ("decoder/model.safetensors", "codec.safetensors", "policy.safetensors"):
+        a, b = load_file(latent_ckpt / rel), load_file(out / rel)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (rel, k, (a[k] - b[k]).abs().max())

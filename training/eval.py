@@ -177,6 +177,23 @@ def plan_diagnostics(reasoner: Reasoner, questions: list[Question], verifier: Ve
     return out
 
 
+@torch.no_grad()
+def thought_diagnostics(reasoner: Reasoner, questions: list[Question], verifier: Verifier, params: SamplingParams,
+                        samples: int = 4) -> dict:
+    """A recurrent checkpoint's floor: pass@1 decoding from its own thoughts (`prior@1`, the
+    headline measured the same way) and from another question's thoughts (`noise@1`: the same
+    kind of vector, carrying the wrong question). Equal figures would mean the thoughts are unread."""
+    prompts = reasoner.prompt_embeds(reasoner.prompt_ids([q.prompt for q in questions]))
+    own = reasoner.sample_plans(prompts, 1).latents
+    out = {}
+    for name, plans in (("prior", own), ("noise", own.roll(1, 0))):
+        texts = reasoner.decode(prompts, plans, samples, params)
+        correct = [verifier.score(t.text, q.reference).correct >= 1.0 for q, ts in zip(questions, texts) for t in ts]
+        out[f"{name}@1"] = statistics.fmean(correct)
+    out["diagnostic_questions"] = len(questions)
+    return out
+
+
 def summarize(records: list[dict], ks: list[int]) -> dict:
     out = {"questions": len(records), "samples": records[0]["n"] if records else 0}
     for k in ks:
@@ -210,7 +227,9 @@ def markdown_table(results: dict[str, dict], ks: list[int]) -> str:
         "latent plans (normalised latent space); plan_texts = distinct greedy texts from 8 plans of one question " \
         "(1 = the decoder ignores the plan); reconstruction = % of reference reasonings decoded back exactly from " \
         "their own latent; ceiling@1 / prior@1 / noise@1 = pass@1 decoding from a reference solution's posterior " \
-        "(what a perfect prior would get), from the prior's plans, and from pure-noise plans (the floor); tokens = " \
+        "(what a perfect prior would get), from the prior's plans, and from pure-noise plans (the floor); for a " \
+        "recurrent (Coconut) checkpoint prior@1 decodes from its own thoughts and noise@1 from another question's " \
+        "thoughts; tokens = " \
         "tokens written per text; s_per_question = generation wall time per question (all max(k) texts, plans " \
         "included, diagnostics not).\n"
 
@@ -320,6 +339,8 @@ def main(argv=None) -> dict:
                         guidance=args.guidance, diversity=args.diversity)
         summary = summarize(recs, ks)
         summary["s_per_question"] = (time.time() - t_gen) / len(questions)
+        if reasoner.is_latent and not reasoner.distinct_plans and args.diagnostic_questions > 0:
+            summary.update(thought_diagnostics(reasoner, questions[:args.diagnostic_questions], task.verifier, params))
         if reasoner.is_latent and reasoner.checkpoint.codec.encoder is not None:  # a frame-only codec encodes nothing
             if args.probe_questions > 0:
                 summary.update(plan_following(reasoner, questions[:args.probe_questions], max_tokens=args.max_tokens))
