@@ -176,7 +176,9 @@ def test_every_shipped_checkpoint_loads_and_answers_greedily(ckpt):
     greedy = SamplingParams(temperature=0.0, max_tokens=96, seed=0)
     first = [g.completions[0].text for g in reasoner.generate([q.prompt for q in qs], 1, 1, greedy)]
     again = [g.completions[0].text for g in reasoner.generate([q.prompt for q in qs], 1, 1, greedy)]
-    assert first == again
+    assert first == again and all(first)
     verifier = get_task("countdown").verifier
     formats = [verifier.score(t, q.reference).format for t, q in zip(first, qs)]
-    assert sum(f >= 1.0 for f in formats) >= 3, list(zip(first, formats))
+    # at least half well-formed: garbage fails; demo-latent-rl, latent RL's measured collapse (format
+    # 63% in results/rl-demo), writes 2 of these 4, every other checkpoint 4
+    assert sum(f >= 1.0 for f in formats) >= 2, list(zip(first, formats))
