@@ -2,6 +2,7 @@
 session; the checkpoint, generation and evaluation tests read what it wrote."""
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,26 @@ def _vllm_reasoner(ckpt):
 
     return Reasoner.from_checkpoint(ckpt, backend="vllm", options=VLLMOptions(
         dtype="float32", max_model_len=512, max_num_seqs=64, cpu_kvcache_space_gib=1))
+
+
+@contextmanager
+def serving(ckpt, backend: str):
+    """`ckpt` on `backend` behind the real app on a real uvicorn: yields (live server, reasoner)."""
+    from ladi_core.generation import Reasoner
+    from server.app import create_app
+    from server.config import Limits, ServerConfig
+
+    from .live import LiveServer
+
+    r = _vllm_reasoner(ckpt) if backend == "vllm" else Reasoner.from_checkpoint(ckpt)
+    cfg = ServerConfig(checkpoint=str(ckpt), limits=Limits(max_n=8, max_best_of=16, max_latent_plans=16,
+                                                            max_tokens=64))
+    try:
+        with LiveServer(create_app(cfg, r, r.backend.name)) as s:
+            yield s, r
+    finally:
+        if backend == "vllm":
+            r.backend.close()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from openai import OpenAI
 
 from ladi_core.backends import SamplingParams
 from ladi_core.backends.transformers import LogitShaper, sample_next
-from ladi_core.generation import Reasoner
 from training.algos.grpo import token_log_probs
 
 Q = "Use 3 4 5 2 to make 23."
@@ -43,18 +42,10 @@ def test_top_k_and_min_p_keep_only_the_tokens_they_name():
 
 @pytest.fixture(scope="module", params=["transformers", "vllm"])
 def served(request, token_ckpt):
-    from server.app import create_app
-    from server.config import Limits, ServerConfig
+    from .conftest import serving
 
-    from .conftest import _vllm_reasoner
-    from .live import LiveServer
-
-    r = _vllm_reasoner(token_ckpt) if request.param == "vllm" else Reasoner.from_checkpoint(token_ckpt)
-    cfg = ServerConfig(checkpoint=str(token_ckpt), limits=Limits(max_n=8, max_best_of=16, max_tokens=64))
-    with LiveServer(create_app(cfg, r, r.backend.name)) as s:
-        yield s, r, request.param
-    if request.param == "vllm":
-        r.backend.close()
+    with serving(token_ckpt, request.param) as (live, reasoner):
+        yield live, reasoner, request.param
 
 
 def _client(live):
@@ -162,6 +153,11 @@ def test_ignore_eos_runs_every_text_to_max_tokens(served):
     assert short.usage.completion_tokens < 60 and short.choices[0].finish_reason == "stop"  # it ends by itself
     r = _ask(client, n=2, temperature=1.0, max_tokens=60, seed=0, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 2 * 60 and all(c.finish_reason == "length" for c in r.choices)
+    # min_tokens: the stop token is masked until then, so the greedy text runs past where it ended
+    floor = short.usage.completion_tokens + 5
+    m = _ask(client, temperature=0.0, max_tokens=60, seed=0, extra_body={"min_tokens": floor})
+    assert m.usage.completion_tokens >= floor and m.choices[0].message.content.startswith(
+        short.choices[0].message.content)
 
 
 @pytest.mark.slow
@@ -288,6 +284,12 @@ def test_what_a_backend_cannot_honour_is_refused_by_name(served):
             assert set(doc) == {"answer"} and isinstance(doc["answer"], int)
         else:
             assert c.message.content.startswith("{")
+    plain = _ask(client, temperature=0.0, max_tokens=64).choices[0].message.content
+    assert not plain.startswith("{")  # without the grammar this model writes countdown steps
+    obj = _ask(client, temperature=0.0, max_tokens=64, response_format={"type": "json_object"}).choices[0]
+    assert obj.message.content.lstrip().startswith("{")
+    if obj.finish_reason == "stop":
+        assert isinstance(json.loads(obj.message.content), dict)
 
 
 def test_the_readmes_parameter_tables_match_the_request_models():

@@ -187,19 +187,10 @@ def test_rl_refuses_a_policy_of_another_kind(recurrent_ckpt, latent_ckpt, tmp_pa
 
 @pytest.fixture(scope="module", params=["transformers", "vllm"])
 def recurrent_server(request, recurrent_ckpt):
-    from server.app import create_app
-    from server.config import Limits, ServerConfig
+    from .conftest import serving
 
-    from .conftest import _vllm_reasoner
-    from .live import LiveServer
-
-    r = _vllm_reasoner(recurrent_ckpt) if request.param == "vllm" else Reasoner.from_checkpoint(recurrent_ckpt)
-    cfg = ServerConfig(checkpoint=str(recurrent_ckpt), limits=Limits(max_n=8, max_best_of=16, max_latent_plans=16,
-                                                                      max_tokens=64))
-    with LiveServer(create_app(cfg, r, r.backend.name)) as s:
-        yield s, r
-    if request.param == "vllm":
-        r.backend.close()
+    with serving(recurrent_ckpt, request.param) as s:
+        yield s
 
 
 @pytest.mark.slow

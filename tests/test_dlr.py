@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from ladi_core.backends import SamplingParams
 from ladi_core.checkpoint import load_checkpoint, read_config
-from ladi_core.generation import Reasoner
 from ladi_core.policies import AssistantPolicy, AssistantPolicyConfig, info_nce
 from ladi_core.tasks import get_task
 from training import rl
@@ -180,23 +179,10 @@ def test_dlr_needs_an_assistant_checkpoint(latent_ckpt, tmp_path):
 
 @pytest.fixture(scope="module", params=["transformers", "vllm"])
 def dlr_server(request, dlr_ckpt):
-    from ladi_core.backends.vllm import VLLMOptions
-    from server.app import create_app
-    from server.config import Limits, ServerConfig
+    from .conftest import serving
 
-    from .live import LiveServer
-
-    if request.param == "vllm":
-        r = Reasoner.from_checkpoint(dlr_ckpt, backend="vllm", options=VLLMOptions(
-            dtype="float32", max_model_len=512, max_num_seqs=64, cpu_kvcache_space_gib=1))
-    else:
-        r = Reasoner.from_checkpoint(dlr_ckpt)
-    cfg = ServerConfig(checkpoint=str(dlr_ckpt), limits=Limits(max_n=8, max_best_of=16, max_latent_plans=16,
-                                                                max_tokens=64))
-    with LiveServer(create_app(cfg, r, r.backend.name)) as s:
-        yield s, r
-    if request.param == "vllm":
-        r.backend.close()
+    with serving(dlr_ckpt, request.param) as s:
+        yield s
 
 
 @pytest.mark.slow
