@@ -151,6 +151,29 @@ def test_a_latent_rl_step_raises_the_value_heads_score_of_the_thoughts(recurrent
 
 
 @pytest.mark.slow
+def test_latent_rls_value_warmup_trains_only_the_head_then_hands_over(recurrent_ckpt):
+    reasoner = Reasoner.from_checkpoint(recurrent_ckpt)
+    cfg, decoder, algo = _algo(LatentRL, reasoner, value_warmup=1)
+    head = reasoner.checkpoint.policy.value_head
+    ro = _rollout(algo, reasoner)
+    grads = {}
+    for step in (0, 1):
+        algo.begin_step(step)
+        decoder.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+        loss, stats = algo.loss(ro, {})
+        loss.backward()
+        assert head.weight.grad.abs().sum() > 0  # the critic learns in both phases
+        grads[step] = [p.grad for p in decoder.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert grads[0] == []  # warming up: nothing reaches the decoder
+    assert grads[1]  # then the policy term trains it
+    # the warm-up loss is the BCE alone
+    algo.begin_step(0)
+    loss, stats = algo.loss(ro, {})
+    assert loss.item() == pytest.approx(stats["value_bce"], rel=1e-6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["coconut-grpo", "latent-rl"])
 def test_smoke_runs_train_the_decoder(algo, recurrent_ckpt, tmp_path):
     out = tmp_path / algo

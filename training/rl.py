@@ -194,6 +194,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.time()
         questions, seeds, gen = self._questions(step)
+        self.algo.begin_step(step)
         ro = self.algo.rollout(self.rollout, questions, seeds, gen, SamplingParams(cfg.temperature, 1.0,
                                                                                    cfg.max_new_tokens))
         t_roll = time.time() - t0
@@ -278,7 +279,7 @@ def parse_args(argv=None):
     add_option_arguments(p, RLConfig().vllm)
     p.add_argument("--threads", type=int)
     for name in ("steps", "questions_per_step", "plans", "samples_per_plan", "ppo_epochs", "max_new_tokens",
-                 "train_denoising_steps", "save_every", "eval_questions"):
+                 "train_denoising_steps", "save_every", "eval_questions", "value_warmup"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int)
     for name in ("lr", "clip", "kl_beta", "diversity", "guidance", "noise_level", "text_policy_coef", "text_lr",
                  "grpo_clip", "temperature", "format_weight", "contrastive_weight", "contrastive_tau", "value_lr"):

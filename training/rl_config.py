@@ -47,6 +47,9 @@ class RLConfig:
     # latent RL (recurrent policy): the value head's learning rate; its BCE target is each
     # question's share of correct texts
     value_lr: float = 1e-3
+    # latent RL: the first steps train only the value head, on the initial decoder's rollouts, as the
+    # paper pre-trains its critic before the policy term reads it (0: co-trained from the first step)
+    value_warmup: int = 0
     # GRPO (token policy)
     grpo_clip: float = 0.2
     loss_norm: Literal["grpo", "dr_grpo"] = "grpo"

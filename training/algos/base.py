@@ -80,6 +80,10 @@ class Algorithm(ABC):
         weights), or None when it stays frozen."""
         return None
 
+    def begin_step(self, step: int) -> None:
+        """Called before each step's rollout (also after a resume), for a method with a schedule."""
+        return None
+
     @abstractmethod
     def rollout(self, reasoner: Reasoner, questions: list[Question], seeds: list[int], generator: torch.Generator,
                 params: SamplingParams) -> Rollout:

@@ -12,6 +12,8 @@ then G texts decoded after `[prompt; bot; thoughts; eot]` and scored (correctnes
   thoughts stay noise-free (they are deterministic, so a ratio has nothing to be the ratio of);
   `--kl-beta` adds an anchor to the initial decoder's thoughts, 0.5 ||h - h_ref||^2 per thought:
   the KL between unit-variance Gaussians centred on them. Off by default, as in the paper.
+  `--value-warmup S` trains only the head for the first S steps, on the initial decoder's
+  rollouts, as the paper pre-trains its critic before the policy term reads it.
 """
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ class LatentRL(_Thinking):
         super().__init__(cfg, reasoner, decoder, verifier, rewards)
         self.policy.train()
         self._ref = None
+        self._warming = cfg.value_warmup > 0
         if cfg.kl_beta:
             ref_policy = copy.deepcopy(self.policy)
             ref_policy.bind(copy.deepcopy(decoder).eval().requires_grad_(False), reasoner.checkpoint.codec)
@@ -104,14 +107,20 @@ class LatentRL(_Thinking):
     def trainable_modules(self):
         return {"decoder": self.decoder, "policy": self.policy}
 
+    def begin_step(self, step: int) -> None:
+        self._warming = step < self.cfg.value_warmup
+
     def loss(self, ro: TokenRollout, old):
-        cond, mask = pad_embeds(self.prompt_embeds(ro))
-        h = self.policy.think(cond, mask)  # [Q, L, hidden], with gradient into the decoder
+        with torch.set_grad_enabled(not self._warming):  # warming up: the decoder is left alone
+            cond, mask = pad_embeds(self.prompt_embeds(ro))
+            h = self.policy.think(cond, mask)  # [Q, L, hidden], with gradient into the decoder
         target = ro.scored.correct.mean(-1)  # [Q] the share of the question's texts that were right
         bce = value_loss(self.policy.value(h.detach()), target)
         score = torch.sigmoid(self.policy.value(h, detach_head=True))  # [Q, L]
-        loss = -score.mean() + bce
         stats = {"value_bce": bce.item(), "value_score": score.mean().item(), "value_target": target.mean().item()}
+        if self._warming:
+            return bce, stats
+        loss = -score.mean() + bce
         if self._ref is not None:
             with torch.no_grad():
                 ref_embeds = build_inputs_embeds(self._ref.decoder.get_input_embeddings(), ro.prompt_ids)
