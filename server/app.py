@@ -294,6 +294,11 @@ def create_app(cfg: ServerConfig, reasoner: Reasoner, backend_name: str = "trans
     return app
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(sum(known) / len(known), 6) if known else None
+
+
 def logprobs_body(tokenizer, decoded, chat: bool) -> dict:
     """OpenAI's log-prob shapes for one text: chat's `content` list (token, logprob, bytes,
     top_logprobs) or the completions API's parallel lists. Tokens are the returned ones (a stop
@@ -407,7 +412,8 @@ class RequestContext:
         return LadiInfo(mode=self.mode, latent_plans=self.lay.plans if self.srv.reasoner.is_latent else None,
                         samples_per_plan=self.lay.samples_per_plan,
                         latent_seconds=round(max(j.latent_s for j in self.jobs), 4),
-                        decode_seconds=round(max(j.decode_s for j in self.jobs), 4))
+                        decode_seconds=round(max(j.decode_s for j in self.jobs), 4),
+                        plan_distance=_mean_or_none([j.plan_distance for j in self.jobs]))
 
     async def complete(self, request: Request) -> dict:
         choices, summaries, all_cands = [], [], []

@@ -30,6 +30,7 @@ import torch
 
 from ladi_core.backends import Decoded, SamplingParams
 from ladi_core.generation import Reasoner
+from ladi_core.metrics import mean_pairwise_distance
 from ladi_core.seeding import plan_noise, plan_params
 
 from .metrics import ServerMetrics
@@ -69,6 +70,7 @@ class Job:
     first_token_at: float | None = None
     latent_s: float = 0.0
     decode_s: float = 0.0
+    plan_distance: float | None = None  # its plans' mean pairwise distance, when it has several
 
     @property
     def rows(self) -> int:
@@ -343,6 +345,8 @@ class Engine:
         latents = self._sample_plans(jobs, embeds) if r.is_latent else None
         prefix_embeds, row_plans, counts, params, prefix_job, prefix_plan, row_job, row_cand = ([] for _ in range(8))
         for j, (job, e) in enumerate(zip(jobs, embeds)):
+            if latents is not None and job.plans > 1:
+                job.plan_distance = mean_pairwise_distance(latents[j])
             plans = range(job.plans) if latents is not None else [None]
             n = job.samples_per_plan if latents is not None else job.rows
             per_plan = plan_params(job.params, job.params.seed, len(plans), n)  # the one seeding rule

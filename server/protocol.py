@@ -192,6 +192,9 @@ class LadiInfo(BaseModel):
     samples_per_plan: int
     latent_seconds: float
     decode_seconds: float
+    # mean pairwise L2 distance of a prompt's plans (normalised latents), averaged over prompts;
+    # None with fewer than two distinct plans (token-level, recurrent, or latent_plans = 1)
+    plan_distance: float | None = None
 
 
 class CompletionResponse(BaseModel):

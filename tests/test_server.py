@@ -13,6 +13,7 @@ import pytest
 from openai import OpenAI
 
 from ladi_core.backends import SamplingParams
+from ladi_core.metrics import mean_pairwise_distance
 from ladi_core.tasks import get_task
 from server.app import create_app
 from server.config import Limits, ServerConfig
@@ -120,12 +121,25 @@ def test_extra_body_parameters(client, reasoner):
                              steps=4, guidance=5.0, diversity=2.0)[0].completions
     got = sorted(r.choices, key=lambda c: (c.plan_index, c.index))
     assert [c.message.content for c in got] == [c.text for c in want]
-    # and each knob on its own changes the plans, so the texts (same seed, 4 plans, greedy decoding)
-    base = {"latent_plans": 4, "samples_per_plan": 1, "denoising_steps": 8}
-    plain = [c.message.content for c in ask(client, n=4, seed=3, temperature=0.0, extra_body=base).choices]
+    # each knob on its own moves the plans, which is what it controls (whether the smoke model's greedy
+    # texts move with them is that model's luck): the Reasoner's plans differ from the plain ones, and
+    # the response's plan_distance is the distance of exactly those plans
+    base, sampler = {"latent_plans": 4, "samples_per_plan": 1, "denoising_steps": 8}, {"steps": 8}
+    names = {"denoising_steps": "steps", "guidance_scale": "guidance", "diversity": "diversity"}
+    greedy = SamplingParams(max_tokens=4, seed=3, temperature=0.0)
+
+    def served_distance(extra: dict) -> float:
+        r = ask(client, n=4, seed=3, temperature=0.0, max_tokens=4, extra_body=extra)
+        return r.model_extra["ladi"]["plan_distance"]
+
+    plain = reasoner.generate([Q], plans=4, params=greedy, **sampler)[0].plans
+    assert served_distance(base) == pytest.approx(mean_pairwise_distance(plain), abs=2e-5)
     for knob, value in knobs.items():
-        moved = ask(client, n=4, seed=3, temperature=0.0, extra_body={**base, knob: value}).choices
-        assert [c.message.content for c in moved] != plain, knob
+        moved = reasoner.generate([Q], plans=4, params=greedy, **{**sampler, names[knob]: value})[0].plans
+        assert (moved - plain).abs().max() > 1e-3, knob
+        # LaDiR's repulsion evens the plans' spacing more than it widens it: the distance moves by ~1e-3
+        assert abs(mean_pairwise_distance(moved) - mean_pairwise_distance(plain)) > 2e-4, knob
+        assert served_distance({**base, knob: value}) == pytest.approx(mean_pairwise_distance(moved), abs=2e-5), knob
     with pytest.raises(openai.BadRequestError, match="unknown parameter: user_tag"):  # not dropped silently
         ask(client, extra_body={"user_tag": "x"})
 
@@ -393,7 +407,6 @@ def test_api_key(reasoner):
 def test_bounded_queue_refuses_when_full(reasoner):
     engine = Engine(reasoner, ServerMetrics("t"), max_queue=2)  # not started: nothing drains
     loop = asyncio.new_event_loop()
-    from ladi_core.backends import SamplingParams
 
     make = lambda: Job([1, 2, 3], 1, 1, SamplingParams(), loop)  # noqa: E731
     engine.submit(make())
@@ -457,7 +470,6 @@ def test_eval_client_agrees_with_training_eval(live, reasoner):
     """The same seed through the API and through training.eval: the same texts, so the same
     correct count on every question (the server's default checkpoint is judged both ways)."""
     from clients import eval as ceval
-    from ladi_core.backends import SamplingParams
     from ladi_core.tasks import get_task
     from training.eval import evaluate
 
