@@ -111,3 +111,18 @@ def test_zero_probe_and_diagnostic_questions_skip_them(latent_ckpt, tmp_path):
                    "--out", str(tmp_path / "res"), "--max-tokens", "24", "--probe-questions", "0",
                    "--diagnostic-questions", "0"])[latent_ckpt.name]
     assert "pass@2" in res and "plan_texts" not in res and "ceiling@1" not in res
+
+
+def test_every_row_of_the_pass_at_k_plot_has_its_own_colour_and_style_and_families_share_a_marker():
+    from training.eval import family, line_styles
+
+    names = ["token-sft", "token-grpo", "ladir-codec", "ladir-writer", "ladir-sft", "ladi-rl", "dlr-sft", "dlr",
+             "coconut-sft", "coconut-grpo", "latent-rl"]
+    styles = line_styles(names)
+    assert len({s[0] for s in styles.values()}) == len(names)  # no colour used twice
+    assert len({(s[0], s[1]) for s in styles.values()}) == len(names)
+    assert family("ladir-sft") == family("ladi-rl") and family("latent-rl") == family("coconut-sft")
+    for a in names:
+        for b in names:
+            same = family(a) == family(b)
+            assert (styles[a][2] == styles[b][2]) == same, (a, b)  # one marker per family

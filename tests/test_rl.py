@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ from ladi_core.checkpoint import load_checkpoint, read_config
 from ladi_core.generation import pad_embeds
 from ladi_core.policies import DiffusionPolicy, DiffusionPolicyConfig, SamplerConfig
 from training import rl
-from training.algos.common import clipped_surrogate, group_advantages
+from training.algos.common import clipped_surrogate, group_advantages, pass_at_k_advantages
 from training.algos.grpo import grpo_loss
 from training.algos.ladi import ladi_loss, rescore, text_advantages
+from training.rl_config import RLConfig
 
 
 def test_group_advantages_on_hand_made_numbers():
@@ -29,14 +31,56 @@ def test_group_advantages_on_hand_made_numbers():
 def test_text_advantages_by_question_and_by_plan():
     # one question, 2 plans x 2 texts: plan 0 wrote two correct texts, plan 1 one of two
     r = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    by_question = text_advantages(r, 2, "question", None)
+    cfg = RLConfig(text_advantages="question", adv_clip=None)
+    by_question = text_advantages(r, r, 2, cfg)
     assert torch.allclose(by_question, group_advantages(r))  # over all four texts
     assert by_question[0, 0] > 0 and by_question[0, 3] < 0
-    by_plan = text_advantages(r, 2, "plan", None)
+    by_plan = text_advantages(r, r, 2, replace(cfg, text_advantages="plan"))
     assert torch.equal(by_plan[0, :2], torch.zeros(2))  # plan 0's texts agree: no preference
     assert torch.allclose(by_plan[0, 2:], torch.tensor([1.0, -1.0]), atol=1e-5)
+    # W-REINFORCE reads the verifier's correctness, not the (format-weighted) reward
+    w = text_advantages(r + 0.1, r, 2, replace(cfg, advantage="w_reinforce", positive_weight=0.25))
+    assert torch.equal(w, torch.tensor([[0.25, 0.25, 0.25, -1.0]]))
     with pytest.raises(ValueError, match="question"):
-        text_advantages(r, 2, "text", None)
+        text_advantages(r, r, 2, replace(cfg, text_advantages="text"))
+
+
+def _pass_at_k_by_enumeration(correct: list[int], k: int) -> tuple[float, list[float]]:
+    """pass@k of a group and each text's advantage, computed from the subsets themselves: the mean
+    over all k-subsets containing a text of (max correct in the subset), minus the group's pass@k,
+    is the text's credit (arXiv 2508.10751, eq. 9-10), then divided by the std of the group reward."""
+    from itertools import combinations
+
+    n = len(correct)
+    subsets = list(combinations(range(n), k))
+    hit = {s: float(any(correct[i] for i in s)) for s in subsets}
+    rho = sum(hit.values()) / len(subsets)
+    sigma = math.sqrt(rho * (1 - rho))
+    adv = []
+    for i in range(n):
+        mine = [hit[s] for s in subsets if i in s]
+        adv.append((sum(mine) / len(mine) - rho) / sigma if sigma > 0 else 0.0)
+    return rho, adv
+
+
+@pytest.mark.parametrize("correct,k", [([1, 0, 0, 0, 0, 0], 2), ([1, 1, 0, 0, 0, 0, 0, 0], 3),
+                                       ([0, 1, 0, 1, 1, 0, 0], 4), ([1, 0, 0, 0], 1), ([1, 1, 1, 1], 2),
+                                       ([0, 0, 0, 0, 0], 3), ([0, 1, 1, 1, 1, 1], 2)])
+def test_pass_at_k_advantages_match_an_enumeration_of_the_subsets(correct, k):
+    _, want = _pass_at_k_by_enumeration(correct, k)
+    got = pass_at_k_advantages(torch.tensor([correct], dtype=torch.float32), k)[0]
+    assert got.tolist() == pytest.approx(want, abs=1e-5)
+    if k == 1 and 0 < sum(correct) < len(correct):  # at k = 1 it is GRPO's advantage
+        assert torch.allclose(got, group_advantages(torch.tensor([correct], dtype=torch.float32))[0], atol=1e-4)
+
+
+def test_pass_at_k_leaves_wrong_texts_alone_once_the_group_solves_it_at_k():
+    # 6 of 8 correct at k = 4: every draw of 4 holds a correct text, so nothing is pushed anywhere
+    assert torch.equal(pass_at_k_advantages(torch.tensor([[1.0] * 6 + [0.0] * 2]), 4), torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="group size"):
+        pass_at_k_advantages(torch.ones(1, 4), 5)
+    with pytest.raises(ValueError, match="pass_k"):
+        RLConfig(advantage="pass_at_k", pass_k=64, plans=4, samples_per_plan=2)
 
 
 def test_clipped_surrogate_on_hand_made_numbers():
@@ -364,3 +408,31 @@ def load_file_decoder(ckpt):
     from safetensors.torch import load_file
 
     return load_file(ckpt / "decoder" / "model.safetensors")
+
+
+def _anchor_ce(ckpt) -> float:
+    """The plan-conditioned likelihood a LaDi-RL run should keep: the writer's CE of reference
+    solutions given their own posterior plans, on one fixed batch of training examples."""
+    from ladi_core.decoder import load_decoder
+    from ladi_core.tasks import get_task
+    from training.algos.ladi import plan_anchor_loss
+    from training.sft import Examples
+
+    ck = load_checkpoint(ckpt)
+    decoder, tok = load_decoder(ck.decoder_dir)
+    with torch.no_grad():
+        return plan_anchor_loss(decoder.eval(), ck.codec.eval(), Examples(get_task("countdown"), tok), 64, seed=99,
+                                step=0, pad=tok.pad_token_id)[1]
+
+
+@pytest.mark.slow
+def test_the_anchor_keeps_the_plan_conditioned_likelihood_that_plain_rl_lowers(latent_ckpt, tmp_path):
+    flags = ["--algo", "ladi", "--init", str(latent_ckpt), "--preset", "smoke", "--steps", "3", "--eval-questions",
+             "2", "--format-weight", "0.5", "--text-policy-coef", "1", "--text-lr", "1e-4"]
+    rl.main([*flags, "--out", str(tmp_path / "plain")])
+    rl.main([*flags, "--out", str(tmp_path / "anchored"), "--anchor-coef", "10", "--anchor-batch", "32"])
+    start, plain, anchored = (_anchor_ce(p) for p in (latent_ckpt, tmp_path / "plain", tmp_path / "anchored"))
+    assert plain > start  # the text policy alone moves the decoder off its plans
+    assert anchored < plain and anchored <= start + 0.25 * (plain - start)
+    lines = metrics_lines(tmp_path / "anchored")
+    assert all(math.isfinite(x["anchor_ce"]) for x in lines)

@@ -234,22 +234,56 @@ def markdown_table(results: dict[str, dict], ks: list[int]) -> str:
         "included, diagnostics not).\n"
 
 
+# a method's rows share a hue (token rows blue, the diffusion rows orange, ...); the alias joins
+# rows named after the same method's stages (ladir-* are LaDi-RL's start, latent-rl is Coconut's)
+_FAMILY_ALIAS = {"ladir": "ladi", "latent": "coconut"}
+_FAMILY_MAPS = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr", "BuGn"]
+_LINE_STYLES = ["-", "--", ":", "-."]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def family(name: str) -> str:
+    """The method a row belongs to: its name up to the first '-', with the aliases above."""
+    head = name.split("-")[0]
+    return _FAMILY_ALIAS.get(head, head)
+
+
+def line_styles(names: list[str]) -> dict[str, tuple[tuple, str, str]]:
+    """(colour, line style, marker) per row: one hue and marker per family, a darker shade and the
+    next line style per member, so that no two rows look alike and a family reads as one."""
+    import matplotlib
+
+    families = list(dict.fromkeys(family(n) for n in names))
+    members = {f: [n for n in names if family(n) == f] for f in families}
+    out = {}
+    for i, f in enumerate(families):
+        cmap = matplotlib.colormaps[_FAMILY_MAPS[i % len(_FAMILY_MAPS)]]
+        rows = members[f]
+        for j, n in enumerate(rows):
+            shade = 0.45 + 0.5 * (j / max(1, len(rows) - 1)) if len(rows) > 1 else 0.75
+            out[n] = (cmap(shade), _LINE_STYLES[j % len(_LINE_STYLES)], _MARKERS[i % len(_MARKERS)])
+    return out
+
+
 def plot(results: dict[str, dict], ks: list[int], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, s in results.items():
-        ax.plot(ks, [100 * s[f"pass@{k}"] for k in ks], marker="o", label=name)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = line_styles(list(results))
+    for name in sorted(results, key=lambda n: list(dict.fromkeys(map(family, results))).index(family(n))):
+        colour, style, marker = styles[name]
+        ax.plot(ks, [100 * results[name][f"pass@{k}"] for k in ks], marker=marker, markersize=4, color=colour,
+                linestyle=style, label=name)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -279,12 +279,16 @@ def parse_args(argv=None):
     add_option_arguments(p, RLConfig().vllm)
     p.add_argument("--threads", type=int)
     for name in ("steps", "questions_per_step", "plans", "samples_per_plan", "ppo_epochs", "max_new_tokens",
-                 "train_denoising_steps", "save_every", "eval_questions", "value_warmup"):
+                 "train_denoising_steps", "save_every", "eval_questions", "value_warmup", "pass_k", "anchor_batch"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int)
     for name in ("lr", "clip", "kl_beta", "diversity", "guidance", "noise_level", "text_policy_coef", "text_lr",
-                 "grpo_clip", "temperature", "format_weight", "contrastive_weight", "contrastive_tau", "value_lr"):
+                 "grpo_clip", "temperature", "format_weight", "contrastive_weight", "contrastive_tau", "value_lr",
+                 "positive_weight", "anchor_coef"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float)
     p.add_argument("--loss-norm", choices=["grpo", "dr_grpo"])
+    p.add_argument("--advantage", choices=["grpo", "pass_at_k", "w_reinforce"],
+                   help="the texts' advantages: group-normalised rewards, the pass@k advantage at --pass-k, "
+                   "or W-REINFORCE (+--positive-weight for a correct text, -1 for a wrong one)")
     p.add_argument("--text-advantages", choices=["question", "plan"],
                    help="LaDi's text policy: normalise each text's reward over its question's texts or its plan's")
     return p.parse_args(argv)

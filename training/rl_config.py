@@ -29,6 +29,12 @@ class RLConfig:
     max_new_tokens: int = 96
     format_weight: float = 0.0  # reward = correct + format_weight * format
     adv_clip: float = 5.0
+    # the texts' advantages (token GRPO, and LaDi-RL's text policy): "grpo" normalises each group's
+    # rewards; "pass_at_k" is the closed-form pass@k advantage at `pass_k` (arXiv 2508.10751);
+    # "w_reinforce" gives a correct text +positive_weight and a wrong one -1 (arXiv 2506.01347)
+    advantage: Literal["grpo", "pass_at_k", "w_reinforce"] = "grpo"
+    pass_k: int = 8
+    positive_weight: float = 0.1
     # LaDi-RL (plan policy)
     train_denoising_steps: int = 10  # fewer than inference (the checkpoint's sampler.steps)
     noise_level: float = 0.7  # SDE `a`
@@ -38,6 +44,11 @@ class RLConfig:
     diversity: float = 0.0
     text_policy_coef: float = 0.0  # LaDi: add token-level GRPO on the decoder, given each text's plan
     text_lr: float = 1e-5
+    # LaDi: keep the decoder reading its plan while the text policy trains: + anchor_coef x the
+    # writer's loss (a reference solution's CE given [prompt; bot; adapter(z); eot], z from the frozen
+    # codec's posterior of that solution) on anchor_batch training examples a step
+    anchor_coef: float = 0.0
+    anchor_batch: int = 32
     # the text policy's groups: each text against all M x N texts of its question, or ("plan")
     # against the N texts of its own plan, so that plan quality is left to the plan policy
     text_advantages: Literal["question", "plan"] = "question"
@@ -67,6 +78,11 @@ class RLConfig:
             allowed = get_args(hint) if getattr(hint, "__origin__", None) is Literal else ()
             if allowed and getattr(self, name) not in allowed:
                 raise ValueError(f"RLConfig.{name} is {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        group = self.plans * self.samples_per_plan
+        if self.advantage == "pass_at_k" and not 1 <= self.pass_k <= group:
+            raise ValueError(f"RLConfig.pass_k is {self.pass_k}: it must be in 1..{group} (the texts per question)")
+        if self.anchor_coef and self.algo != "ladi":
+            raise ValueError(f"RLConfig.anchor_coef is LaDi-RL's (a plan-conditioned decoder), not {self.algo}'s")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

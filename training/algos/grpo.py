@@ -15,7 +15,7 @@ from ladi_core.codec import build_inputs_embeds
 
 from ..rollout import completion_ids, token_rollout
 from .base import Algorithm
-from .common import clipped_surrogate
+from .common import clipped_surrogate, text_advantages_by
 
 
 def token_log_probs(model, prefixes: list[torch.Tensor], completions: list[list[int]],
@@ -108,9 +108,12 @@ class GRPO(Algorithm):
 
     def rollout(self, reasoner, questions, seeds, generator, params):
         cfg = self.cfg
-        return token_rollout(reasoner, questions, self.verifier,
-                             group=cfg.plans * cfg.samples_per_plan, params=params, seeds=seeds,
-                             rewards=self.rewards, adv_clip=cfg.adv_clip)
+        ro = token_rollout(reasoner, questions, self.verifier, group=cfg.plans * cfg.samples_per_plan, params=params,
+                           seeds=seeds, rewards=self.rewards, adv_clip=cfg.adv_clip)
+        if cfg.advantage != "grpo":  # token_rollout's own are GRPO's
+            ro.advantages = text_advantages_by(cfg.advantage, ro.scored.rewards, ro.scored.correct, clip=cfg.adv_clip,
+                                               pass_k=cfg.pass_k, positive_weight=cfg.positive_weight)
+        return ro
 
     def loss(self, ro, old):
         g = self.cfg.plans * self.cfg.samples_per_plan

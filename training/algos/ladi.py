@@ -12,10 +12,13 @@ from dataclasses import replace
 import torch
 
 from ladi_core.policies import DiffusionPolicy, PlanSample
+from ladi_core.tasks import get_task
 
+from ..common import step_rng
 from ..rollout import LatentRollout, latent_rollout
+from ..sft import Examples, latent_reconstruction_loss
 from .base import Algorithm
-from .common import clipped_surrogate, group_advantages
+from .common import clipped_surrogate, text_advantages_by
 from .grpo import text_policy_loss
 
 
@@ -55,16 +58,30 @@ def reference_kl(means: list[torch.Tensor], ref_means: list[torch.Tensor], stds:
     return torch.stack([((m - r) ** 2).flatten(1).sum(-1) / (2 * s * s) for m, r, s in zip(means, ref_means, stds)], 1)
 
 
-def text_advantages(rewards: torch.Tensor, samples_per_plan: int, groups: str, clip: float | None) -> torch.Tensor:
-    """The text policy's advantages. rewards: [questions, plans x texts], texts of a plan consecutive.
-    groups="question": normalised over all of a question's texts (a text from a good plan scores
-    high); groups="plan": over the texts of its own plan only (the plan's quality is the plan
-    policy's business, the decoder is credited only for doing better than that plan's other texts)."""
-    if groups == "question":
-        return group_advantages(rewards, clip=clip)
-    if groups == "plan":
-        return group_advantages(rewards.reshape(-1, samples_per_plan), clip=clip).reshape(rewards.shape)
-    raise ValueError(f"text advantages are grouped by 'question' or 'plan', not {groups!r}")
+def text_advantages(rewards: torch.Tensor, correct: torch.Tensor, samples_per_plan: int, cfg) -> torch.Tensor:
+    """The text policy's advantages. rewards, correct: [questions, plans x texts], a plan's texts
+    consecutive. cfg.text_advantages="question": groups of all a question's texts (a text from a good
+    plan scores high); "plan": the texts of its own plan only (the plan's quality is the plan
+    policy's business, the decoder is credited only for doing better than that plan's other texts).
+    Within a group, `cfg.advantage` decides the values (`text_advantages_by`)."""
+    if cfg.text_advantages not in ("question", "plan"):
+        raise ValueError(f"text advantages are grouped by 'question' or 'plan', not {cfg.text_advantages!r}")
+    shape = rewards.shape if cfg.text_advantages == "question" else (-1, samples_per_plan)
+    adv = text_advantages_by(cfg.advantage, rewards.reshape(shape), correct.reshape(shape), clip=cfg.adv_clip,
+                             pass_k=cfg.pass_k, positive_weight=cfg.positive_weight)
+    return adv.reshape(rewards.shape)
+
+
+def plan_anchor_loss(decoder, codec, data: Examples, batch: int, seed: int, step: int,
+                     pad: int) -> tuple[torch.Tensor, float]:
+    """The writer's loss on `batch` training examples: each reference solution's CE given
+    [prompt; bot; adapter(z); eot], z the frozen codec's posterior of it (with the writer's noise and
+    token substitution). Added to the text policy's loss it keeps the decoder reading its plan.
+    Returns the loss (its KL part is a constant: the codec is frozen) and the CE in nats a token."""
+    rng, gen = step_rng(seed, "anchor", step)
+    prompts, comps = data.batch(batch, rng)
+    loss, stats = latent_reconstruction_loss(decoder, codec, prompts, comps, pad, gen)
+    return loss, stats["ce"]
 
 
 class LadiRL(Algorithm):
@@ -86,6 +103,13 @@ class LadiRL(Algorithm):
         ck.codec.requires_grad_(False)
         self.decoder.requires_grad_(cfg.text_policy_coef > 0)
         self._ref = copy.deepcopy(self.policy).eval() if cfg.kl_beta else None
+        if cfg.anchor_coef and cfg.text_policy_coef <= 0:
+            raise SystemExit("--anchor-coef keeps a training decoder reading its plan: it needs --text-policy-coef > 0")
+        self._anchor_data = Examples(get_task(cfg.task), reasoner.tokenizer) if cfg.anchor_coef else None
+        self._step = 0
+
+    def begin_step(self, step):
+        self._step = step
 
     def param_groups(self):
         groups = [{"params": list(self.policy.parameters()), "lr": self.cfg.lr}]
@@ -127,10 +151,15 @@ class LadiRL(Algorithm):
             with torch.no_grad():  # the decoder trains here, not the plans
                 prefixes = self.reasoner.prefixes([ro.prompt_embeds[int(r) // m] for r in rows],
                                                   ro.plans.latents[rows])
-            adv = text_advantages(ro.scored.rewards.view(len(ro.prompt_embeds), m * n), n, cfg.text_advantages,
-                                  cfg.adv_clip)
+            q = len(ro.prompt_embeds)
+            adv = text_advantages(ro.scored.rewards.view(q, m * n), ro.scored.correct.view(q, m * n), n, cfg)
             text_loss, _ = text_policy_loss(self.decoder, prefixes, ro.scored, adv, old, cfg,
                                             self.reasoner.tokenizer.eos_token_id)
             loss = loss + cfg.text_policy_coef * text_loss
             stats["text_loss"] = text_loss.item()
+        if cfg.anchor_coef:
+            anchor, stats["anchor_ce"] = plan_anchor_loss(self.decoder, self.reasoner.checkpoint.codec,
+                                                          self._anchor_data, cfg.anchor_batch, cfg.seed, self._step,
+                                                          self.reasoner.tokenizer.pad_token_id)
+            loss = loss + cfg.anchor_coef * anchor
         return loss, stats
