@@ -68,27 +68,34 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, 
     return x_next, gaussian_log_prob(x_next, mean, std), mean, std
 
 
-def repulsion(x: torch.Tensor, group_size: int | list[int]) -> torch.Tensor:
+REPULSION_KERNELS = ("ladir", "rbf")
+
+
+def repulsion(x: torch.Tensor, group_size: int | list[int], kernel: str = "ladir") -> torch.Tensor:
     """Diversity guidance across the plans of one question (consecutive groups of rows).
 
-    g_i = mean_j 2 w_ij (x_i - x_j), w_ij = exp(-d^2/s^2)(1 - d^2/s^2), s = median pairwise distance
-    in the group: the gradient of sum_j d^2 exp(-d^2/s^2), which pushes near-duplicate plans apart
-    and draws in those far beyond the group's own scale. The paper sums over j; the mean keeps one
-    `diversity` setting meaningful for any M. group_size: one size for all groups, or one per group.
+    g_i = mean_j 2 w_ij (x_i - x_j), r = d_ij^2 / s^2, s = the median pairwise distance in the group.
+    kernel "ladir": w = exp(-r)(1 - r), the gradient of sum_j d^2 exp(-d^2/s^2) (LaDiR's): it pushes
+    near-duplicate plans apart and draws in those beyond the group's own scale, so it evens the
+    spacing more than it widens it. kernel "rbf": w = exp(-r) > 0 (SVGD's repulsive term, particle
+    guidance): every pair is pushed apart, nearer pairs harder. The paper sums over j; the mean keeps
+    one `diversity` setting meaningful for any M. group_size: one size for all groups, or one per group.
     """
+    if kernel not in REPULSION_KERNELS:
+        raise ValueError(f"unknown repulsion kernel {kernel!r}: use one of {', '.join(REPULSION_KERNELS)}")
     if isinstance(group_size, int):
         if group_size < 2:
             return torch.zeros_like(x)
-        return _repulsion_uniform(x, group_size)
+        return _repulsion_uniform(x, group_size, kernel)
     out, start = torch.zeros_like(x), 0
     for m in group_size:
         if m >= 2:
-            out[start:start + m] = _repulsion_uniform(x[start:start + m], m)
+            out[start:start + m] = _repulsion_uniform(x[start:start + m], m, kernel)
         start += m
     return out
 
 
-def _repulsion_uniform(x: torch.Tensor, group_size: int) -> torch.Tensor:
+def _repulsion_uniform(x: torch.Tensor, group_size: int, kernel: str) -> torch.Tensor:
     b = x.shape[0]
     flat = x.float().reshape(b // group_size, group_size, -1)
     diff = flat[:, :, None, :] - flat[:, None, :, :]  # [G, M, M, D]
@@ -96,6 +103,6 @@ def _repulsion_uniform(x: torch.Tensor, group_size: int) -> torch.Tensor:
     iu = torch.triu_indices(group_size, group_size, 1)
     s2 = d2[:, iu[0], iu[1]].median(dim=-1).values.clamp_min(1e-8)[:, None, None]
     r = d2 / s2
-    w = torch.exp(-r) * (1 - r)
+    w = torch.exp(-r) * (1 - r) if kernel == "ladir" else torch.exp(-r)
     g = (2 * w[..., None] * diff).sum(2) / (group_size - 1)
     return g.reshape(x.shape).to(x.dtype)

@@ -60,6 +60,31 @@ def test_repulsion_ascends_the_diversity_objective():
     assert torch.equal(flow.repulsion(x, 1), torch.zeros_like(x))
 
 
+def test_the_rbf_kernel_only_widens_where_ladirs_can_draw_the_plans_in():
+    """With every weight positive, g = c L x for a graph Laplacian L (PSD): the plans' total spread
+    (sum of squared pairwise distances) can only grow, on any configuration. LaDiR's kernel has
+    negative weights beyond the median scale: on evenly spaced plans it draws the far pairs in more
+    than it pushes the near ones apart, and the spread shrinks."""
+    def spread(z):
+        return (torch.pdist(z.flatten(1)) ** 2).sum()
+
+    torch.manual_seed(1)
+    for _ in range(20):
+        x = torch.randn(5, 2, 3) * torch.rand(5, 1, 1) * 4
+        assert spread(x + 1e-3 * flow.repulsion(x, 5, "rbf")) > spread(x)
+    direction = torch.randn(2, 3)
+    x = torch.arange(5.0)[:, None, None] * direction / direction.norm()  # five plans a step apart on a line
+    assert spread(x + 1e-3 * flow.repulsion(x, 5, "ladir")) < spread(x)
+    assert spread(x + 1e-3 * flow.repulsion(x, 5, "rbf")) > spread(x)
+    # by hand: plan 0's push is mean_j 2 exp(-d_0j^2 / s^2) (x_0 - x_j), s = the median distance
+    flat = x.flatten(1)
+    s2 = torch.pdist(flat).median() ** 2
+    want = sum(2 * torch.exp(-((flat[0] - flat[j]) ** 2).sum() / s2) * (flat[0] - flat[j]) for j in range(1, 5)) / 4
+    assert torch.allclose(flow.repulsion(x, 5, "rbf")[0].flatten(), want, atol=1e-5)
+    with pytest.raises(ValueError, match="rbf"):
+        flow.repulsion(x, 5, "gauss")
+
+
 @pytest.fixture(scope="module")
 def policy():
     torch.manual_seed(0)

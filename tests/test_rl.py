@@ -371,10 +371,11 @@ def test_ddp_ends_with_the_weights_of_one_process_on_the_same_global_batch(token
     ("grpo", ["--kl-beta", "0.1"]),
     ("ladi", ["--kl-beta", "0.1"]),
     ("ladi", ["--diversity", "0.5"]),
+    ("ladi", ["--diversity", "0.5", "--repulsion", "rbf"]),
     ("grpo", ["--ppo-epochs", "2"]),
     ("grpo", ["--loss-norm", "dr_grpo"]),
     ("ladi", ["--text-policy-coef", "1", "--text-lr", "1e-4"]),
-], ids=["grpo-kl", "ladi-kl", "ladi-diversity", "grpo-ppo2", "grpo-dr", "ladi-text-policy"])
+], ids=["grpo-kl", "ladi-kl", "ladi-diversity", "ladi-rbf-repulsion", "grpo-ppo2", "grpo-dr", "ladi-text-policy"])
 def test_each_rl_flag_runs_end_to_end_with_figures_in_range(algo, flags, latent_ckpt, token_ckpt, tmp_path):
     init = latent_ckpt if algo == "ladi" else token_ckpt
     out = tmp_path / "run"

@@ -306,6 +306,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float)
     p.add_argument("--diversity", type=float)
+    p.add_argument("--repulsion", choices=["ladir", "rbf"], help="the diversity guidance's kernel (flow.repulsion)")
     p.add_argument("--decoder-only", action="store_true",
                    help="decode from the prompt alone, no plan (a latent checkpoint's decoder as a token-level model)")
     p.add_argument("--seed", type=int, default=1234)
@@ -370,7 +371,7 @@ def main(argv=None) -> dict:
         t_gen = time.time()
         recs = evaluate(reasoner, questions, task.verifier, plans=plans, samples_per_plan=spp, params=params,
                         batch_questions=args.batch_questions, desc=name, steps=args.steps,
-                        guidance=args.guidance, diversity=args.diversity)
+                        guidance=args.guidance, diversity=args.diversity, repulsion=args.repulsion)
         summary = summarize(recs, ks)
         summary["s_per_question"] = (time.time() - t_gen) / len(questions)
         if reasoner.is_latent and not reasoner.distinct_plans and args.diagnostic_questions > 0:

@@ -286,6 +286,7 @@ def parse_args(argv=None):
                  "positive_weight", "anchor_coef"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float)
     p.add_argument("--loss-norm", choices=["grpo", "dr_grpo"])
+    p.add_argument("--repulsion", choices=["ladir", "rbf"], help="LaDi: the kernel of --diversity's repulsion")
     p.add_argument("--advantage", choices=["grpo", "pass_at_k", "w_reinforce"],
                    help="the texts' advantages: group-normalised rewards, the pass@k advantage at --pass-k, "
                    "or W-REINFORCE (+--positive-weight for a correct text, -1 for a wrong one)")

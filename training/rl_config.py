@@ -42,6 +42,7 @@ class RLConfig:
     kl_beta: float = 0.0  # KL to the frozen initial policy (LaDi) or decoder (GRPO)
     guidance: float = 1.0
     diversity: float = 0.0
+    repulsion: Literal["ladir", "rbf"] = "ladir"  # the diversity guidance's kernel (flow.repulsion)
     text_policy_coef: float = 0.0  # LaDi: add token-level GRPO on the decoder, given each text's plan
     text_lr: float = 1e-5
     # LaDi: keep the decoder reading its plan while the text policy trains: + anchor_coef x the

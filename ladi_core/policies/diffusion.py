@@ -41,6 +41,7 @@ class SamplerConfig:
     steps: int = 20
     guidance: float = 1.0  # CFG scale; 1.0 = conditional model only (one forward per step)
     diversity: float = 0.0  # repulsion strength gamma_max; gamma(t) = diversity * t
+    repulsion: str = "ladir"  # its kernel: "ladir" (evens the spacing) or "rbf" (only repels): flow.repulsion
     noise_level: float = 0.7  # SDE `a` (Flow-GRPO)
     init_noise_scale: float = 1.0  # LaDiR's released code scales x2-2.5 for unnormalised latents
     shift: float = 1.0  # flow-matching timestep shift
@@ -286,7 +287,7 @@ class DiffusionPolicy(nn.Module):
         v = self.velocity(x, sigma, ctx, sc.guidance)
         if sc.diversity:
             # v points towards noise and dt < 0: subtracting g moves the plans apart.
-            v = v - sc.diversity * sigma * flow.repulsion(x, group)
+            v = v - sc.diversity * sigma * flow.repulsion(x, group, sc.repulsion)
         if not sde:
             return flow.ode_step(x, v, sigma, sigma_next), None, None, None
         return flow.sde_step(x, v, sigma, sigma_next, sc.noise_level, generator, x_next)

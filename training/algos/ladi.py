@@ -130,14 +130,15 @@ class LadiRL(Algorithm):
     def rollout(self, reasoner, questions, seeds, generator, params) -> LatentRollout:
         cfg = self.cfg
         sampler = {"steps": cfg.train_denoising_steps, "noise_level": cfg.noise_level, "guidance": cfg.guidance,
-                   "diversity": cfg.diversity}
+                   "diversity": cfg.diversity, "repulsion": cfg.repulsion}
         return latent_rollout(reasoner, questions, self.verifier, plans=cfg.plans,
                               samples_per_plan=cfg.samples_per_plan, params=params, seeds=seeds, generator=generator,
                               rewards=self.rewards, sampler=sampler, adv_clip=cfg.adv_clip)
 
     def loss(self, ro: LatentRollout, old):
         cfg = self.cfg
-        sampler = {"guidance": cfg.guidance, "diversity": cfg.diversity, "noise_level": cfg.noise_level}
+        sampler = {"guidance": cfg.guidance, "diversity": cfg.diversity, "noise_level": cfg.noise_level,
+                   "repulsion": cfg.repulsion}
         logp, means, stds = rescore(self.policy, ro.plans, ro.cond, ro.cond_mask, **sampler)
         kl = None
         if self._ref is not None:
