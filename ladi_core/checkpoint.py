@@ -282,7 +282,9 @@ def set_sampler_default(path: str | Path, evidence: dict[str, Any], **fields) ->
     cfg = read_config(path)
     if cfg.sampler is None:
         raise CheckpointError(f"{path}: a token-level checkpoint has no sampler")
-    unknown = set(fields) - set(cfg.sampler)
+    # the kind's own sampler fields: a field newer than the file is known too
+    known = set(cfg.sampler) | set(POLICY_KINDS[cfg.policy_kind or "diffusion"][2].__dataclass_fields__)
+    unknown = set(fields) - known
     if unknown:
         raise CheckpointError(f"{path}: unknown sampler settings {sorted(unknown)}")
     change = {"from": {k: cfg.sampler.get(k) for k in fields}, "to": fields, "evidence": evidence,

@@ -60,7 +60,7 @@ class Job:
     samples_per_plan: int
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
-    overrides: dict = field(default_factory=dict)  # steps / guidance / diversity
+    overrides: dict = field(default_factory=dict)  # steps / guidance / diversity / repulsion
     stream: bool = False
     mode: str = "sample"
     events: asyncio.Queue = field(default_factory=asyncio.Queue)

@@ -4,7 +4,7 @@ Every top-level key is one of these models' fields, or the request is a 400 nami
 (`reject_unknown`): OpenAI's parameters that this server has no use for (tools, audio, ...) are
 refused as unsupported, and a key nobody defines as unknown, as OpenAI's API does. LaDi's own keys
 (the OpenAI SDK's `extra_body` merges them into the top level): latent_plans, samples_per_plan,
-denoising_steps, guidance_scale, diversity, mode, best_of, verifier, reference; and vLLM's
+denoising_steps, guidance_scale, diversity, repulsion, mode, best_of, verifier, reference; and vLLM's
 sampling extensions top_k, min_p, min_tokens, repetition_penalty, ignore_eos. Responses are built
 from the models at the end of this file.
 """
@@ -80,6 +80,7 @@ class LadiParams(BaseModel):
     denoising_steps: int | None = None
     guidance_scale: float | None = None
     diversity: float | None = None
+    repulsion: Literal["ladir", "rbf"] | None = None  # the diversity guidance's kernel (flow.repulsion)
     mode: Mode = "sample"
     best_of: int | None = None
     verifier: str | None = None

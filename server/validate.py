@@ -26,7 +26,7 @@ class WorkPlan:
     """What the engine is asked to do for one request, and how its answer is chosen."""
 
     params: SamplingParams
-    overrides: dict  # latent sampler settings: steps / guidance / diversity
+    overrides: dict  # latent sampler settings: steps / guidance / diversity / repulsion
     layout: Layout
     rule: str  # best_of_n ranking: auto / verifier / majority / likelihood
     verifier: Verifier | None
@@ -79,7 +79,7 @@ def _sampling(cfg: ServerConfig, req: LadiParams) -> tuple[SamplingParams, dict]
         raise BadRequest("diversity must be between 0 and 10", "diversity")
     steps = req.denoising_steps or cfg.denoising_steps
     overrides = {k: v for k, v in (("steps", steps), ("guidance", req.guidance_scale),
-                                   ("diversity", req.diversity)) if v is not None}
+                                   ("diversity", req.diversity), ("repulsion", req.repulsion)) if v is not None}
     # token log-probs only where they rank candidates: computing them costs vLLM ~20% throughput
     params = SamplingParams(req.temperature, req.top_p, max_tokens, req.seed, tuple(stop),
                             logprobs=req.mode == "best_of_n", min_tokens=req.min_tokens)
@@ -141,7 +141,8 @@ def _shaping(req: LadiParams, params: SamplingParams, reasoner: Reasoner) -> Sam
 _REQUEST_FIELD = {"json_schema": "response_format"}  # SamplingParams field -> the request's parameter
 
 # request field -> the plan policy's sampler setting it overrides
-_SAMPLER_FIELDS = {"denoising_steps": "steps", "guidance_scale": "guidance", "diversity": "diversity"}
+_SAMPLER_FIELDS = {"denoising_steps": "steps", "guidance_scale": "guidance", "diversity": "diversity",
+                   "repulsion": "repulsion"}
 
 
 def _policy_overrides(reasoner: Reasoner, req: LadiParams, overrides: dict) -> dict:

@@ -159,6 +159,13 @@ def test_a_sampler_default_changes_with_its_evidence_recorded(latent_ckpt, token
         set_sampler_default(d, {}, stepz=5)
     with pytest.raises(CheckpointError, match="token-level"):
         set_sampler_default(_copy(token_ckpt, tmp_path / "t"), {}, steps=5)
+    # a setting newer than the file (written before `repulsion` existed) is the policy's, so it is known
+    raw = json.loads((d / "ladi.json").read_text())
+    raw["sampler"].pop("repulsion", None)
+    (d / "ladi.json").write_text(json.dumps(raw))
+    assert load_checkpoint(d).policy.sampler.repulsion == "ladir"
+    set_sampler_default(d, {"why": "test"}, repulsion="rbf")
+    assert load_checkpoint(d).policy.sampler.repulsion == "rbf"
 
 
 SHIPPED = sorted(p.parent for p in (Path(__file__).resolve().parent.parent / "checkpoints").glob("*/ladi.json"))

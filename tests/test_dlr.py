@@ -212,7 +212,7 @@ def test_the_server_serves_an_assistant_checkpoint(dlr_server):
     assert sorted(c.plan_index for c in k.choices) == [0, 1, 2, 3]
     truth = [verifier.score(c.message.content, REF).correct >= 1.0 for c in k.choices]
     assert pak["samples"] == 4 and pak["correct"] == sum(truth) == sum(c.verified for c in k.choices)
-    for knob, value in (("denoising_steps", 4), ("guidance_scale", 2.0), ("diversity", 0.5)):
+    for knob, value in (("denoising_steps", 4), ("guidance_scale", 2.0), ("diversity", 0.5), ("repulsion", "rbf")):
         bad = httpx.post(live.url + "/v1/chat/completions", json={
             "messages": [{"role": "user", "content": Q}], "max_tokens": 8, knob: value})
         assert bad.status_code == 400, bad.text

@@ -134,12 +134,17 @@ def test_extra_body_parameters(client, reasoner):
 
     plain = reasoner.generate([Q], plans=4, params=greedy, **sampler)[0].plans
     assert served_distance(base) == pytest.approx(mean_pairwise_distance(plain), abs=2e-5)
-    for knob, value in knobs.items():
-        moved = reasoner.generate([Q], plans=4, params=greedy, **{**sampler, names[knob]: value})[0].plans
-        assert (moved - plain).abs().max() > 1e-3, knob
+    # each knob against the plain plans; the repulsion kernel against LaDiR's at the same diversity
+    variants = [({knob: value}, {names[knob]: value}, {}) for knob, value in knobs.items()]
+    variants.append(({"diversity": 2.0, "repulsion": "rbf"}, {"diversity": 2.0, "repulsion": "rbf"},
+                     {"diversity": 2.0}))
+    for extra, overrides, against in variants:
+        start = reasoner.generate([Q], plans=4, params=greedy, **sampler, **against)[0].plans
+        moved = reasoner.generate([Q], plans=4, params=greedy, **{**sampler, **overrides})[0].plans
+        assert (moved - start).abs().max() > 1e-3, extra
         # LaDiR's repulsion evens the plans' spacing more than it widens it: the distance moves by ~1e-3
-        assert abs(mean_pairwise_distance(moved) - mean_pairwise_distance(plain)) > 2e-4, knob
-        assert served_distance({**base, knob: value}) == pytest.approx(mean_pairwise_distance(moved), abs=2e-5), knob
+        assert abs(mean_pairwise_distance(moved) - mean_pairwise_distance(start)) > 2e-4, extra
+        assert served_distance({**base, **extra}) == pytest.approx(mean_pairwise_distance(moved), abs=2e-5), extra
     with pytest.raises(openai.BadRequestError, match="unknown parameter: user_tag"):  # not dropped silently
         ask(client, extra_body={"user_tag": "x"})
 
