@@ -146,14 +146,27 @@ def test_sigterm_under_load_answers_every_accepted_request(latent_ckpt, tmp_path
                 with c.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r:
                     return "stream", r.status_code, [line for line in r.iter_lines() if line]
 
-        with ThreadPoolExecutor(12) as pool:
-            jobs = [pool.submit(ask, long if i % 2 else short, i % 3 == 0) for i in range(12)]
-            # SIGTERM once the server has accepted all 12 (finished, decoding or queued): a request
-            # sent after it would meet a closed port, which is a refusal, not this test's subject
-            deadline = time.time() + 60
-            while time.time() < deadline and sum(metric(url, m) for m in (
-                    "ladi:requests_total", "ladi:num_requests_running", "ladi:num_requests_waiting")) < 12:
+        def accepted() -> float:  # finished, decoding or queued
+            return sum(metric(url, m) for m in ("ladi:requests_total", "ladi:num_requests_running",
+                                                "ladi:num_requests_waiting"))
+
+        def wait_accepted(n: int) -> None:
+            deadline = time.time() + 120
+            while time.time() < deadline and accepted() < n:
                 time.sleep(0.02)
+            assert accepted() >= n
+
+        with ThreadPoolExecutor(12) as pool:
+            # six short requests answered before the signal, by construction and whatever the
+            # machine's speed; then six long ones (16 x 256 forced tokens) that cannot finish in a
+            # 3 s grace, so the drain has work to end
+            jobs = [pool.submit(ask, short, i % 3 == 0) for i in range(0, 12, 2)]
+            for f in jobs:
+                f.result(timeout=120)
+            jobs += [pool.submit(ask, long, i % 3 == 0) for i in range(1, 12, 2)]
+            # SIGTERM once the server has accepted all 12: a request sent after it would meet a
+            # closed port, which is a refusal, not this test's subject
+            wait_accepted(12)
             assert metric(url, "ladi:num_requests_running") >= 1
             proc.send_signal(signal.SIGTERM)
             results = [f.result(timeout=60) for f in jobs]
