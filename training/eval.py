@@ -249,8 +249,9 @@ def family(name: str) -> str:
 
 
 def line_styles(names: list[str]) -> dict[str, tuple[tuple, str, str]]:
-    """(colour, line style, marker) per row: one hue and marker per family, a darker shade and the
-    next line style per member, so that no two rows look alike and a family reads as one."""
+    """(colour, line style, marker) per row, rows grouped by family (first-seen order): one hue and
+    marker per family, a darker shade and the next line style per member, so that no two rows look
+    alike and a family reads as one."""
     import matplotlib
 
     families = list(dict.fromkeys(family(n) for n in names))
@@ -273,8 +274,7 @@ def plot(results: dict[str, dict], ks: list[int], path: Path, title: str) -> Non
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = line_styles(list(results))
-    for name in sorted(results, key=lambda n: list(dict.fromkeys(map(family, results))).index(family(n))):
-        colour, style, marker = styles[name]
+    for name, (colour, style, marker) in styles.items():
         ax.plot(ks, [100 * results[name][f"pass@{k}"] for k in ks], marker=marker, markersize=4, color=colour,
                 linestyle=style, label=name)
     ax.set_xscale("log", base=2)

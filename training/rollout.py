@@ -8,6 +8,7 @@ normalised over the question's M plans.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -117,15 +118,19 @@ class TokenRollout:
 @torch.no_grad()
 def token_rollout(reasoner: Reasoner, questions: list[Question], verifier: Verifier, *, group: int,
                   params: SamplingParams, seeds: list[int], rewards: list[RewardFn],
-                  adv_clip: float | None = None) -> TokenRollout:
+                  adv_clip: float | None = None,
+                  advantages: Callable[[Scored], torch.Tensor] | None = None) -> TokenRollout:
     """G texts per question from its one prefix: the prompt, or for a deterministic thinker (the
-    recurrent policy) the prompt and its thoughts, computed once and without gradient (Coconut GRPO)."""
+    recurrent policy) the prompt and its thoughts, computed once and without gradient (Coconut GRPO).
+    advantages: the method's own advantages from the scored texts (default: GRPO's group-normalised
+    rewards, clipped at adv_clip)."""
     ids = reasoner.prompt_ids([q.prompt for q in questions])
     embeds = reasoner.prompt_embeds(ids)
     thoughts = reasoner.sample_plans(embeds, 1).latents if reasoner.is_latent else None
     decoded = reasoner.decode(embeds, thoughts, group, seeded_params(params, seeds))
     scored = score(questions, decoded, group, verifier, rewards)
-    return TokenRollout(ids, embeds, scored, group_advantages(scored.rewards, clip=adv_clip), thoughts)
+    adv = advantages(scored) if advantages is not None else group_advantages(scored.rewards, clip=adv_clip)
+    return TokenRollout(ids, embeds, scored, adv, thoughts)
 
 
 def completion_ids(d: Decoded, eos_id: int) -> list[int]:

@@ -63,15 +63,14 @@ def w_reinforce_advantages(correct: torch.Tensor, positive_weight: float) -> tor
                        torch.full_like(correct.float(), -1.0))
 
 
-def text_advantages_by(kind: str, rewards: torch.Tensor, correct: torch.Tensor, *, clip: float | None,
-                       pass_k: int, positive_weight: float) -> torch.Tensor:
-    """A group's text advantages (last dim = the group) by `RLConfig.advantage`: "grpo" normalises the
-    rewards; "pass_at_k" and "w_reinforce" read the verifier's correctness alone (format rewards,
-    when weighted in, do not count)."""
-    if kind == "grpo":
-        return group_advantages(rewards, clip=clip)
-    if kind == "pass_at_k":
-        return pass_at_k_advantages(correct, pass_k)
-    if kind == "w_reinforce":
-        return w_reinforce_advantages(correct, positive_weight)
-    raise ValueError(f"unknown advantage {kind!r}: use grpo, pass_at_k or w_reinforce")
+def text_advantages_by(cfg, rewards: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """A group's text advantages (last dim = the group) by `cfg.advantage` (an RLConfig): "grpo"
+    normalises the rewards; "pass_at_k" and "w_reinforce" read the verifier's correctness alone
+    (format rewards, when weighted in, do not count)."""
+    if cfg.advantage == "grpo":
+        return group_advantages(rewards, clip=cfg.adv_clip)
+    if cfg.advantage == "pass_at_k":
+        return pass_at_k_advantages(correct, cfg.pass_k)
+    if cfg.advantage == "w_reinforce":
+        return w_reinforce_advantages(correct, cfg.positive_weight)
+    raise ValueError(f"unknown advantage {cfg.advantage!r}: use grpo, pass_at_k or w_reinforce")

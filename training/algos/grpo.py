@@ -108,12 +108,9 @@ class GRPO(Algorithm):
 
     def rollout(self, reasoner, questions, seeds, generator, params):
         cfg = self.cfg
-        ro = token_rollout(reasoner, questions, self.verifier, group=cfg.plans * cfg.samples_per_plan, params=params,
-                           seeds=seeds, rewards=self.rewards, adv_clip=cfg.adv_clip)
-        if cfg.advantage != "grpo":  # token_rollout's own are GRPO's
-            ro.advantages = text_advantages_by(cfg.advantage, ro.scored.rewards, ro.scored.correct, clip=cfg.adv_clip,
-                                               pass_k=cfg.pass_k, positive_weight=cfg.positive_weight)
-        return ro
+        return token_rollout(reasoner, questions, self.verifier, group=cfg.plans * cfg.samples_per_plan,
+                             params=params, seeds=seeds, rewards=self.rewards,
+                             advantages=lambda s: text_advantages_by(cfg, s.rewards, s.correct))
 
     def loss(self, ro, old):
         g = self.cfg.plans * self.cfg.samples_per_plan

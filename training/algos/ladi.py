@@ -64,12 +64,8 @@ def text_advantages(rewards: torch.Tensor, correct: torch.Tensor, samples_per_pl
     plan scores high); "plan": the texts of its own plan only (the plan's quality is the plan
     policy's business, the decoder is credited only for doing better than that plan's other texts).
     Within a group, `cfg.advantage` decides the values (`text_advantages_by`)."""
-    if cfg.text_advantages not in ("question", "plan"):
-        raise ValueError(f"text advantages are grouped by 'question' or 'plan', not {cfg.text_advantages!r}")
     shape = rewards.shape if cfg.text_advantages == "question" else (-1, samples_per_plan)
-    adv = text_advantages_by(cfg.advantage, rewards.reshape(shape), correct.reshape(shape), clip=cfg.adv_clip,
-                             pass_k=cfg.pass_k, positive_weight=cfg.positive_weight)
-    return adv.reshape(rewards.shape)
+    return text_advantages_by(cfg, rewards.reshape(shape), correct.reshape(shape)).reshape(rewards.shape)
 
 
 def plan_anchor_loss(decoder, codec, data: Examples, batch: int, seed: int, step: int,
