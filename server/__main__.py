@@ -43,6 +43,8 @@ def parse_args(argv=None) -> ServerConfig:
                    help=ServerConfig.model_fields["request_timeout_s"].description)
     p.add_argument("--shutdown-grace-s", type=float, default=ServerConfig.model_fields["shutdown_grace_s"].default,
                    help=ServerConfig.model_fields["shutdown_grace_s"].description)
+    p.add_argument("--dead-linger-s", type=float, default=ServerConfig.model_fields["dead_linger_s"].default,
+                   help=ServerConfig.model_fields["dead_linger_s"].description)
     for name, field in Limits.model_fields.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=field.default, help=field.description)
     add_option_arguments(p)
@@ -57,7 +59,7 @@ def parse_args(argv=None) -> ServerConfig:
                         batch_window_ms=a.batch_window_ms, default_max_tokens=a.default_max_tokens,
                         denoising_steps=a.denoising_steps, torch_threads=a.torch_threads, pin_cpus=a.pin_cpus,
                         allow_code_execution=a.allow_code_execution, request_timeout_s=a.request_timeout_s,
-                        shutdown_grace_s=a.shutdown_grace_s, vllm=vllm, log_level=a.log_level)
+                        shutdown_grace_s=a.shutdown_grace_s, dead_linger_s=a.dead_linger_s, vllm=vllm, log_level=a.log_level)
 
 
 def resolve_backend(name: str) -> str:
@@ -121,8 +123,10 @@ def _start_failure(backend: str, err: BaseException) -> str:
 
 
 class _Uvicorn:
-    """uvicorn's server with the two exits this one needs: SIGTERM drains (requests in flight get
-    `shutdown_grace_s`, then a clear 503), and a dead backend ends the process non-zero."""
+    """uvicorn's server with the two exits this one needs. SIGTERM drains: the server keeps listening
+    (so /health says 'draining' and a new request gets a clear 503), requests in flight get
+    `shutdown_grace_s`, and it exits as soon as none is left. A dead backend ends the process with
+    status 70 after `dead_linger_s` of answering /health 'dead'."""
 
     def __init__(self, app, cfg: ServerConfig):
         import uvicorn
@@ -131,25 +135,37 @@ class _Uvicorn:
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame):
-                if sig in (signal.SIGTERM, signal.SIGINT):
-                    srv.drain(cfg.shutdown_grace_s)
-                super().handle_exit(sig, frame)
+                if sig in (signal.SIGTERM, signal.SIGINT) and srv.drain(cfg.shutdown_grace_s):
+                    threading.Thread(target=self.exit_when_drained, args=(sig,), daemon=True).start()
+                    return
+                super().handle_exit(sig, frame)  # a second signal, or one before the app started: now
+
+            def exit_when_drained(self, sig):
+                srv.wait_drained(cfg.shutdown_grace_s + 0.5)
+                super().handle_exit(sig, None)  # uvicorn re-raises the signal once shut down
 
         self.server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                                             timeout_graceful_shutdown=max(1, round(cfg.shutdown_grace_s))))
 
-        def on_fatal(reason: str) -> None:
+        def exit_now() -> None:
             self.server.should_exit = True
+
+        def on_fatal(reason: str) -> None:
+            _after(cfg.dead_linger_s, exit_now)
             # whatever hangs in shutdown (a dead engine's client), the process ends within seconds
-            timer = threading.Timer(FATAL_EXIT_S, os._exit, args=(FATAL_EXIT_CODE,))
-            timer.daemon = True
-            timer.start()
+            _after(cfg.dead_linger_s + FATAL_EXIT_S, os._exit, FATAL_EXIT_CODE)
 
         srv.on_fatal = on_fatal
 
     def run(self) -> int:
         self.server.run()
         return FATAL_EXIT_CODE if self.srv.dead is not None else 0
+
+
+def _after(seconds: float, fn, *args) -> None:
+    timer = threading.Timer(seconds, fn, args=args)
+    timer.daemon = True
+    timer.start()
 
 
 FATAL_EXIT_CODE = 70  # EX_SOFTWARE: the backend died; a supervisor should restart the server

@@ -146,18 +146,25 @@ class Server:
         if self.on_fatal is not None:
             self.on_fatal(reason)
 
-    def drain(self, grace_s: float) -> None:
+    def drain(self, grace_s: float) -> bool:
         """SIGTERM: take no new requests, let those in flight finish for `grace_s`, then end the rest
-        with a clear error (a little before the HTTP server closes their connections)."""
+        with a clear error. False for a second signal, or one before the app started."""
         loop = self.loop
-        if self.draining or loop is None:  # a second signal, or one before the app started
-            return
+        if self.draining or loop is None:
+            return False
         self.draining = True
         print(f"shutting down: {len(self.inflight)} requests in flight get up to {grace_s:.0f}s", flush=True)
         timer = threading.Timer(max(0.0, grace_s - 0.5),
                                 lambda: loop.call_soon_threadsafe(self.fail_all, ShuttingDown()))
         timer.daemon = True
         timer.start()
+        return True
+
+    def wait_drained(self, timeout_s: float) -> None:
+        """Until no request is in flight (any left after the grace have been failed by then)."""
+        end = time.monotonic() + timeout_s
+        while self.inflight and time.monotonic() < end:
+            time.sleep(0.05)
 
     async def watch_backend(self) -> None:
         while self.dead is None:

@@ -52,7 +52,11 @@ class ServerConfig(BaseModel):
     request_timeout_s: float = Field(300.0, gt=0, description=(
         "a request still unanswered after this long gets a 504 and its generation is aborted"))
     shutdown_grace_s: float = Field(30.0, ge=0, description=(
-        "on SIGTERM: how long requests in flight may finish before they end with a 503"))
+        "on SIGTERM: how long requests in flight may finish before they end with a 503; meanwhile the "
+        "server still listens, /health answers 503 'draining' and new requests a 503"))
+    dead_linger_s: float = Field(2.0, ge=0, description=(
+        "once the backend is dead: how long the server still answers (/health 503 'dead', requests a 503) "
+        "before it exits with status 70, so that a probe and a last metrics scrape see why"))
     vllm: VLLMOptions = VLLMOptions()  # engine options for --backend vllm
     log_level: str = "info"
 

@@ -106,7 +106,7 @@ class Scored:
 
 
 def verify_all(cands: list[Candidate], verifier: Verifier, reference: Any) -> list[bool]:
-    return [verifier.score(c.text, reference).correct >= 1.0 for c in cands]
+    return [verifier.score(c.text, reference).solved for c in cands]
 
 
 def select(mode: str, cands: list[Candidate], lay: Layout, rule: str, verifier: Verifier | None,

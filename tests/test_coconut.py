@@ -24,6 +24,8 @@ from training.rewards import default_rewards
 from training.rl_config import PRESETS
 from training.rollout import completion_ids
 
+from .references import countdown_reference_solved_by
+
 Q = "Use 3 4 5 2 to make 23."
 REF = {"numbers": [2, 3, 4, 5], "target": 23}
 PROMPTS = [Q, "Make 10 from 1 2 3 4."]  # different lengths: the batch is padded
@@ -224,8 +226,8 @@ def test_the_server_serves_a_recurrent_checkpoint(recurrent_server):
     assert model.model_extra["ladi"]["policy"] == "recurrent"
 
     def ask(**kw):
-        return client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": Q}],
-                                              max_tokens=32, **kw)
+        kw.setdefault("max_tokens", 32)
+        return client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": Q}], **kw)
 
     # sample: n texts of the question's one plan; the same seed, the same texts as Reasoner.generate
     r = ask(n=3, seed=3, temperature=1.0)
@@ -238,10 +240,13 @@ def test_the_server_serves_a_recurrent_checkpoint(recurrent_server):
     assert len(b.choices) == 2
     for c in b.choices:
         assert c.verified == (verifier.score(c.message.content, REF).correct >= 1.0)
-    k = ask(n=4, seed=9, extra_body={"mode": "pass_at_k", "reference": REF})
+    texts = [c.message.content for c in ask(n=8, seed=9, max_tokens=64).choices]
+    ref = countdown_reference_solved_by(texts)  # at least one candidate is correct by construction
+    k = ask(n=8, seed=9, max_tokens=64, extra_body={"mode": "pass_at_k", "reference": ref})
     pak = k.model_extra["pass_at_k"]
-    truth = [verifier.score(c.message.content, REF).correct >= 1.0 for c in k.choices]
-    assert pak["samples"] == 4 and pak["correct"] == sum(truth) == sum(c.verified for c in k.choices)
+    assert [c.message.content for c in k.choices] == texts
+    truth = [verifier.score(c.message.content, ref).correct >= 1.0 for c in k.choices]
+    assert pak["samples"] == 8 and pak["correct"] == sum(truth) == sum(c.verified for c in k.choices) > 0
     for body, param in (({"latent_plans": 2}, "latent_plans"), ({"denoising_steps": 4}, "denoising_steps")):
         bad = httpx.post(live.url + "/v1/chat/completions", json={
             "messages": [{"role": "user", "content": Q}], "max_tokens": 8, **body})

@@ -18,6 +18,8 @@ from ladi_core.tasks import get_task
 from training import rl
 from training.algos.dlr import contrastive_term, dlr_loss, gaussian_kl
 
+from .references import countdown_reference_solved_by
+
 Q = "Use 3 4 5 2 to make 23."
 REF = {"numbers": [2, 3, 4, 5], "target": 23}
 
@@ -193,8 +195,8 @@ def test_the_server_serves_an_assistant_checkpoint(dlr_server):
     assert model.model_extra["ladi"]["policy"] == "assistant"
 
     def ask(**kw):
-        return client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": Q}],
-                                              max_tokens=32, **kw)
+        kw.setdefault("max_tokens", 32)
+        return client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": Q}], **kw)
 
     # sample: n choices over n plans; the same seed, the same texts as Reasoner.generate
     r = ask(n=2, seed=3, temperature=0.0, extra_body={"latent_plans": 2})
@@ -207,11 +209,14 @@ def test_the_server_serves_an_assistant_checkpoint(dlr_server):
     assert len(b.choices) == 2
     for c in b.choices:  # each verdict re-checked independently
         assert c.verified == (verifier.score(c.message.content, REF).correct >= 1.0)
-    k = ask(n=4, seed=9, extra_body={"mode": "pass_at_k", "reference": REF})
+    texts = [c.message.content for c in ask(n=8, seed=9, max_tokens=64).choices]
+    ref = countdown_reference_solved_by(texts)  # at least one candidate is correct by construction
+    k = ask(n=8, seed=9, max_tokens=64, extra_body={"mode": "pass_at_k", "reference": ref})
     pak = k.model_extra["pass_at_k"]
-    assert sorted(c.plan_index for c in k.choices) == [0, 1, 2, 3]
-    truth = [verifier.score(c.message.content, REF).correct >= 1.0 for c in k.choices]
-    assert pak["samples"] == 4 and pak["correct"] == sum(truth) == sum(c.verified for c in k.choices)
+    assert [c.message.content for c in k.choices] == texts
+    assert sorted(c.plan_index for c in k.choices) == list(range(8))
+    truth = [verifier.score(c.message.content, ref).correct >= 1.0 for c in k.choices]
+    assert pak["samples"] == 8 and pak["correct"] == sum(truth) == sum(c.verified for c in k.choices) > 0
     for knob, value in (("denoising_steps", 4), ("guidance_scale", 2.0), ("diversity", 0.5), ("repulsion", "rbf")):
         bad = httpx.post(live.url + "/v1/chat/completions", json={
             "messages": [{"role": "user", "content": Q}], "max_tokens": 8, knob: value})

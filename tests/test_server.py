@@ -21,6 +21,7 @@ from server.engine import Engine, Job, QueueFull
 from server.metrics import ServerMetrics
 
 from .live import LiveServer
+from .references import countdown_reference_solved_by
 
 pytestmark = pytest.mark.slow
 Q = "Use 3 4 5 2 to make 23."
@@ -182,23 +183,32 @@ def test_best_of_n_ranks_by_likelihood_and_majority(client):
 
 
 def test_best_of_n_with_reference_uses_the_verifier(client):
-    r = ask(client, n=3, seed=2, extra_body={"mode": "best_of_n", "best_of": 6, "reference": REF})
+    # the six candidates, seen through sample mode (same seed, same plans and texts); the reference is
+    # one the last answerable candidate solves, so the verifier has a correct one to put first
+    texts = [c.message.content for c in ask(client, n=6, seed=2, max_tokens=64).choices]
+    ref = countdown_reference_solved_by(texts[::-1])
+    r = ask(client, n=3, seed=2, max_tokens=64, extra_body={"mode": "best_of_n", "best_of": 6, "reference": ref})
     verifier = get_task("countdown").verifier
     for c in r.choices:  # each verdict re-checked independently, and the score is the verdict
-        assert c.verified == (verifier.score(c.message.content, REF).correct >= 1.0) and c.score == float(c.verified)
+        assert c.message.content in texts
+        assert c.verified == (verifier.score(c.message.content, ref).correct >= 1.0) and c.score == float(c.verified)
+    assert r.choices[0].verified is True
     assert [c.score for c in r.choices] == sorted((c.score for c in r.choices), reverse=True)
 
 
 def test_pass_at_k(client):
-    r = ask(client, n=4, seed=9, extra_body={"mode": "pass_at_k", "reference": REF})
+    texts = [c.message.content for c in ask(client, n=8, seed=9, max_tokens=64).choices]
+    ref = countdown_reference_solved_by(texts)  # at least one candidate is correct by construction
+    r = ask(client, n=8, seed=9, max_tokens=64, extra_body={"mode": "pass_at_k", "reference": ref})
     pak = r.model_extra["pass_at_k"]
     verifier = get_task("countdown").verifier
-    truth = [verifier.score(c.message.content, REF).correct >= 1.0 for c in r.choices]
+    assert [c.message.content for c in r.choices] == texts
+    truth = [verifier.score(c.message.content, ref).correct >= 1.0 for c in r.choices]
     assert [c.verified for c in r.choices] == truth
-    assert pak["samples"] == 4 and pak["correct"] == sum(truth)
-    assert sorted(c.plan_index for c in r.choices) == [0, 1, 2, 3]
-    for k in range(1, 5):
-        expected = 1 - comb(4 - pak["correct"], k) / comb(4, k)
+    assert pak["samples"] == 8 and pak["correct"] == sum(truth) and pak["correct"] > 0
+    assert sorted(c.plan_index for c in r.choices) == list(range(8))
+    for k in range(1, 9):
+        expected = 1 - comb(8 - pak["correct"], k) / comb(8, k)
         assert pak["pass_at"][str(k)] == pytest.approx(expected)
 
 

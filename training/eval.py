@@ -47,7 +47,7 @@ def evaluate(reasoner: Reasoner, questions: list[Question], verifier: Verifier, 
                                  **plan_overrides)
         for q, g in zip(chunk, gens):
             rewards = [verifier.score(c.text, q.reference) for c in g.completions]
-            correct = [r.correct >= 1.0 for r in rewards]
+            correct = [r.solved for r in rewards]
             answers = [r.answer for r in rewards]
             records.append({
                 "id": q.id, "n": len(correct), "c": sum(correct), "correct": correct, "answers": answers,
@@ -171,7 +171,7 @@ def plan_diagnostics(reasoner: Reasoner, questions: list[Question], verifier: Ve
     out = {}
     for name, plans in (("ceiling", post), ("prior", prior), ("noise", noise)):
         texts = reasoner.decode(prompts, plans, samples, params)
-        correct = [verifier.score(t.text, q.reference).correct >= 1.0 for q, ts in zip(qs, texts) for t in ts]
+        correct = [verifier.score(t.text, q.reference).solved for q, ts in zip(qs, texts) for t in ts]
         out[f"{name}@1"] = statistics.fmean(correct)
     out["diagnostic_questions"] = len(qs)
     return out
@@ -188,7 +188,7 @@ def thought_diagnostics(reasoner: Reasoner, questions: list[Question], verifier:
     out = {}
     for name, plans in (("prior", own), ("noise", own.roll(1, 0))):
         texts = reasoner.decode(prompts, plans, samples, params)
-        correct = [verifier.score(t.text, q.reference).correct >= 1.0 for q, ts in zip(questions, texts) for t in ts]
+        correct = [verifier.score(t.text, q.reference).solved for q, ts in zip(questions, texts) for t in ts]
         out[f"{name}@1"] = statistics.fmean(correct)
     out["diagnostic_questions"] = len(questions)
     return out

@@ -43,7 +43,7 @@ def score(questions: list[Question], decoded: list[list[Decoded]], per_question:
         rs, ans, ok = [], [], []
         for d in flat[q_i * per_question:(q_i + 1) * per_question]:
             verdict = verifier.score(d.text, q.reference)
-            ok.append(float(verdict.correct))
+            ok.append(float(verdict.solved))
             values = [f(verdict, d.text, q) for f in rewards]
             for f, v in zip(rewards, values):
                 parts[f.name] += v

@@ -15,6 +15,12 @@ class Reward:
     answer: str | None = None  # canonical extracted answer: majority votes and distinct-solution counts
     detail: str = ""
 
+    @property
+    def solved(self) -> bool:
+        """The one definition of a correct text (pass@k, maj@k, verified choices, RL's `correct`):
+        full credit. `correct` itself stays a reward, which a verifier may make partial."""
+        return self.correct >= 1.0
+
 
 ZERO = Reward(0.0, 0.0)
 
