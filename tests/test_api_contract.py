@@ -215,6 +215,28 @@ def test_logit_bias_top_k_min_p_and_penalties_change_the_text(served):
         assert got.choices[0].message.content == want != plain, (kw, plain)
 
 
+@pytest.mark.slow
+def test_top_p_max_completion_tokens_and_user_by_value(served):
+    live, _, _ = served
+    client = _client(live)
+    greedy = _ask(client, temperature=0.0, max_tokens=24, seed=0).choices[0].message.content
+    # top_p this small keeps only the most likely token: at temperature 1 the greedy text, twice
+    r = _ask(client, temperature=1.0, top_p=1e-6, max_tokens=24, seed=5, n=2)
+    assert [c.message.content for c in r.choices] == [greedy, greedy]
+    free = _ask(client, temperature=1.0, max_tokens=24, seed=5, n=4)
+    assert any(c.message.content != greedy for c in free.choices)  # without it the texts vary
+    # max_completion_tokens (OpenAI's newer name) wins over max_tokens: exactly 5 tokens, cut by length
+    r = _ask(client, temperature=0.0, max_tokens=40, max_completion_tokens=5, seed=0, extra_body={"min_tokens": 5})
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    assert greedy.startswith(r.choices[0].message.content)
+    # user identifies the caller and changes nothing in the sampling; a non-string is refused by name
+    a = _ask(client, max_tokens=16, seed=11, n=2, user="alice")
+    b = _ask(client, max_tokens=16, seed=11, n=2)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    bad = _post(live, user=5)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "user", bad.text
+
+
 def _first_margin(reasoner, tok: int) -> float:
     """How far token `tok`'s logit is below the best one at the first step after the prompt."""
     from ladi_core.decoder import load_decoder

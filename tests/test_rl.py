@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -437,3 +438,76 @@ def test_the_anchor_keeps_the_plan_conditioned_likelihood_that_plain_rl_lowers(l
     assert anchored < plain and anchored <= start + 0.25 * (plain - start)
     lines = metrics_lines(tmp_path / "anchored")
     assert all(math.isfinite(x["anchor_ce"]) for x in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,ckpt", [("grpo", "token_ckpt"), ("coconut-grpo", "recurrent_ckpt")])
+def test_a_text_policy_step_raises_the_log_probability_of_the_rewarded_text(algo, ckpt, request):
+    """GRPO and Coconut GRPO: one optimiser step on a real rollout whose advantages reward one text
+    (the others share the penalty) raises that text's log-probability, by more than the others' on
+    average, and raises the advantage-weighted log-likelihood (texts that share a prefix with the
+    rewarded one may rise with it)."""
+    from ladi_core.backends import SamplingParams
+    from ladi_core.codec import build_inputs_embeds
+    from ladi_core.generation import Reasoner
+    from ladi_core.tasks import get_task
+    from training.algos import ALGORITHMS
+    from training.algos.grpo import token_log_probs
+    from training.rewards import default_rewards
+    from training.rl_config import PRESETS
+    from training.rollout import completion_ids
+
+    reasoner = Reasoner.from_checkpoint(request.getfixturevalue(ckpt))
+    cfg = replace(PRESETS["smoke"], algo=algo)
+    decoder = reasoner.backend.trainable_decoder()
+    method = ALGORITHMS[algo](cfg, reasoner, decoder, get_task("countdown").verifier, default_rewards(0.1))
+    qs = get_task("countdown").questions("train", 1, seed=1)
+    ro = method.rollout(reasoner, qs, [0], torch.Generator().manual_seed(0), SamplingParams(1.0, 1.0, 24))
+    comps = [completion_ids(d, reasoner.tokenizer.eos_token_id) for row in ro.scored.decoded for d in row]
+    g = len(comps)
+    r = next(i for i, c in enumerate(comps) if comps.count(c) == 1)  # a text no other text repeats
+    ro.advantages = torch.full((1, g), -1.0 / (g - 1))
+    ro.advantages[0, r] = 1.0
+
+    def text_log_probs() -> torch.Tensor:
+        with torch.no_grad():
+            embeds = build_inputs_embeds(decoder.get_input_embeddings(), ro.prompt_ids)
+            prefixes = embeds if ro.thoughts is None else reasoner.prefixes(embeds, ro.thoughts)
+            logp, _ = token_log_probs(decoder, [p for p in prefixes for _ in range(g)], comps, cfg.temperature)
+        return logp.sum(-1)
+
+    before = text_log_probs()
+    opt = torch.optim.SGD(decoder.parameters(), lr=1e-2)
+    loss, stats = method.loss(ro, {})
+    assert stats["clip_frac"] == 0.0  # the first epoch is exactly on-policy
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    gain = text_log_probs() - before
+    others = torch.cat([gain[:r], gain[r + 1:]])
+    assert gain[r] > 0 and gain[r] > others.mean() + 0.1, (r, gain)
+    assert (ro.advantages[0] * gain).sum() > 0, (r, gain)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,init", [("grpo", "demo-token"), ("coconut-grpo", "demo-coconut")])
+def test_a_short_run_on_a_tiny_task_raises_the_reward(algo, init, tmp_path):
+    """40 steps on four Countdown questions from the shipped SFT checkpoint (so the start does not
+    depend on how a smoke model trained): the reward of the last ten steps is well above the first
+    ten's (measured: grpo 0.58 -> 0.96, coconut-grpo 0.51 -> 0.99)."""
+    from ladi_core.tasks import get_task
+
+    task = get_task("countdown")
+    rows = [(q, "train") for q in task.questions("train", 4, seed=3)] + [(task.questions("test", 1, seed=3)[0], "test")]
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps({"question": q.prompt, "answer": q.reference, "split": split}) + "\n"
+                            for q, split in rows))
+    out = tmp_path / algo
+    root = Path(__file__).resolve().parent.parent
+    rl.main(["--algo", algo, "--init", str(root / "checkpoints" / init), "--out", str(out), "--preset", "smoke",
+             "--task", str(data), "--verifier", "countdown", "--steps", "40", "--eval-questions", "1",
+             "--lr", "3e-4", "--plans", "4", "--samples-per-plan", "2", "--seed", "0", "--threads", "1"])
+    rewards = [x["reward_mean"] for x in metrics_lines(out)]
+    assert len(rewards) == 40
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last > first + 0.2, rewards

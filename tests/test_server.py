@@ -431,6 +431,39 @@ def test_bounded_queue_refuses_when_full(reasoner):
     loop.close()
 
 
+def test_a_full_queue_answers_429_over_http(latent_reasoner):
+    """One request decoding, one waiting in a queue of one: the next gets OpenAI's 429 (the SDK's
+    RateLimitError, code queue_full), counted as such; the two accepted ones are answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with start(latent_reasoner, max_queue=1, max_batch_requests=1) as s:
+        body = {"messages": [{"role": "user", "content": Q}], "n": 8, "max_tokens": 64, "min_tokens": 64}
+
+        def post():
+            return httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120)
+
+        def wait_for(name: str) -> None:
+            deadline = time.time() + 60
+            while metric(s.url, name) < 1 and time.time() < deadline:
+                time.sleep(0.02)
+            assert metric(s.url, name) >= 1, name
+
+        with ThreadPoolExecutor(2) as pool:
+            decoding = pool.submit(post)
+            wait_for("ladi:num_requests_running")
+            waiting = pool.submit(post)
+            wait_for("ladi:num_requests_waiting")
+            c = OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+            with pytest.raises(openai.RateLimitError) as refused:
+                c.chat.completions.create(model=c.models.list().data[0].id, max_tokens=4,
+                                          messages=[{"role": "user", "content": Q}])
+            assert refused.value.status_code == 429
+            err = refused.value.body
+            assert err["code"] == "queue_full" and err["type"] == "rate_limit_error", err
+            assert metric(s.url, "ladi:requests_total", status="429") == 1
+            assert decoding.result().status_code == 200 and waiting.result().status_code == 200
+
+
 def test_metrics_count_what_was_served(live, client, backend):
     """Deltas, not names (the # HELP lines hold every name): a request adds one to its counter,
     the token counters add exactly the usage, and TTFT is observed for streamed requests only."""
