@@ -1,17 +1,12 @@
 """A real uvicorn server on a free localhost port, in a background thread of the test process."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import uvicorn
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.servers import free_port
 
 
 class LiveServer:

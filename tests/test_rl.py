@@ -21,6 +21,8 @@ from training.algos.grpo import grpo_loss
 from training.algos.ladi import ladi_loss, rescore, text_advantages
 from training.rl_config import RLConfig
 
+from .live import free_port
+
 
 def test_group_advantages_on_hand_made_numbers():
     adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]]))
@@ -264,7 +266,7 @@ def test_resume_reproduces_an_uninterrupted_run(latent_ckpt, tmp_path, monkeypat
 @pytest.mark.slow
 def test_two_process_ddp_smoke_run(latent_ckpt, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "training.rl", "--algo", "ladi", "--init", str(latent_ckpt), "--out", str(out), "--preset", "smoke",
            "--steps", "2", "--eval-questions", "2", "--threads", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -354,8 +356,8 @@ def test_ddp_ends_with_the_weights_of_one_process_on_the_same_global_batch(token
 
     common = ["-m", "training.rl", "--algo", "grpo", "--init", str(token_ckpt), "--preset", "smoke", "--steps", "2",
               "--eval-questions", "2", "--threads", "1", "--lr", "1e-4", "--format-weight", "0.5"]
-    runs = {"ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
-                    *common[:]], "one": [sys.executable, *common]}
+    runs = {"ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(free_port()), *common], "one": [sys.executable, *common]}
     for name, cmd in runs.items():
         r = subprocess.run(cmd + ["--out", str(tmp_path / name)], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -80,6 +80,14 @@ def sandbox_processes() -> list[int]:
     return found
 
 
+def assert_no_sandbox_process_survives(timeout_s: float = 10.0) -> None:
+    """A killed PID namespace takes a moment to empty: wait for that state, then insist on it."""
+    deadline = time.monotonic() + timeout_s
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sandbox_processes(), "a sandboxed process outlived its run"
+
+
 def hostile_programs(tmp: Path, canary_pid: int, port: int) -> dict[str, str]:
     """name -> module-level code. Each would do harm outside a sandbox."""
     secret = tmp / "ckpt" / "secret.txt"
@@ -136,8 +144,7 @@ def test_every_hostile_program_is_contained(humaneval, tmp_path, canary, listene
     assert {k for k, v in results.items() if v[0] == 1.0} <= {"write_outside_after_mkdir", "output_100mb"}, results
     assert results["output_100mb"][0] == 0.0, results  # stderr past the file-size limit ends it
     assert "timeout" in results["endless_loop"][1] and "timeout" in results["fork_bomb"][1], results
-    time.sleep(0.5)
-    assert not sandbox_processes(), "a sandboxed process outlived its run"
+    assert_no_sandbox_process_survives()
 
 
 def test_the_program_runs_as_an_unprivileged_user_in_namespaces_of_its_own(humaneval):
@@ -159,6 +166,54 @@ def test_the_program_runs_as_an_unprivileged_user_in_namespaces_of_its_own(human
         "assert caps == ['CapEff:\\t0000000000000000\\n'], caps\n")
     r = CodeVerifier().score(probe, humaneval["HumanEval/53"])
     assert r.correct == 1.0, r.detail
+
+
+@pytest.mark.parametrize("tmpfs_mb", [32, 64])
+def test_the_private_tmp_holds_its_cap_and_no_more(tmpfs_mb):
+    """8 MB files (under the 16 MB file-size limit) until the tmpfs is full: the program gets
+    ENOSPC within a file of the cap it was given."""
+    program = ("import errno\ntotal, chunk = 0, b'x' * 2**20\n"
+               "try:\n    for i in range(64):\n        with open(f'/tmp/f{i}', 'wb') as f:\n"
+               "            for _ in range(8):\n                f.write(chunk)\n                f.flush()\n"
+               "                total += len(chunk)\n"
+               "except OSError as err:\n    assert err.errno == errno.ENOSPC, err\n"
+               "    raise SystemExit(f'full at {total}')\n")
+    r = sandbox_mod.run_python(program, sandbox_mod.SandboxLimits(tmpfs_mb=tmpfs_mb))
+    assert r.status.startswith("exit 1") and "full at" in r.status, r.status
+    written = int(r.status.rsplit("full at ", 1)[1].split()[0])
+    assert (tmpfs_mb - 8) * 2**20 <= written <= tmpfs_mb * 2**20, (tmpfs_mb, written)
+
+
+def test_the_program_sees_none_of_the_hosts_environment(monkeypatch):
+    monkeypatch.setenv("LADI_SANDBOX_PROBE", "host-secret")
+    program = ("import os\nassert 'host-secret' not in open('/proc/self/environ').read()\n"
+               "raise SystemExit(' '.join(sorted(os.environ)))\n")
+    r = sandbox_mod.run_python(program)
+    assert r.status.startswith("exit 1"), r.status
+    # what the sandbox sets, plus bwrap's PWD and Python's own C-locale coercion (LC_CTYPE)
+    seen = set(r.status.split(": ", 1)[1].split())
+    assert seen - {"PWD", "LC_CTYPE"} == {"HOME", "PATH", "PYTHONHASHSEED"}, r.status
+
+
+@pytest.mark.parametrize("max_procs", [8, 16])
+def test_the_process_limit_stops_forks_at_its_value(max_procs):
+    """The program forks sleeping children until refused (EAGAIN): the run's uid holds at most
+    `max_procs` processes, bwrap's own among them."""
+    program = ("import errno, os, time\nforked = 0\ntry:\n    while forked < 1000:\n"
+               "        if os.fork() == 0:\n            time.sleep(30)\n            os._exit(0)\n"
+               "        forked += 1\nexcept OSError as err:\n    assert err.errno == errno.EAGAIN, err\n"
+               "raise SystemExit(f'forked {forked}')\n")
+    r = sandbox_mod.run_python(program, sandbox_mod.SandboxLimits(max_procs=max_procs))
+    assert "forked" in r.status, r.status
+    forked = int(r.status.split("forked ")[1].split()[0])
+    assert max_procs - 2 <= forked < max_procs, (max_procs, r.status)  # measured: max_procs - 1
+
+
+def test_a_sleeping_program_meets_the_wall_clock_timeout():
+    """No CPU used, so the CPU-time limit never fires: the wall clock ends it."""
+    t0 = time.monotonic()
+    r = sandbox_mod.run_python("import time\ntime.sleep(60)\n", sandbox_mod.SandboxLimits(timeout_s=1.0))
+    assert r.status == "timeout" and time.monotonic() - t0 < 10, r.status
 
 
 def test_no_sandbox_means_a_clear_error_and_nothing_runs(humaneval, tmp_path, monkeypatch):
@@ -239,5 +294,4 @@ def test_with_the_flag_hostile_client_code_is_contained(latent_reasoner, tmp_pat
             check_contained(name, tmp_path, canary, listener)
             assert httpx.get(live.url + "/health").status_code == 200, name
         assert {k for k, v in verdicts.items() if any(v)} <= {"write_outside_after_mkdir"}, verdicts
-    time.sleep(0.5)
-    assert not sandbox_processes()
+    assert_no_sandbox_process_survives()
