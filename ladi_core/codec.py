@@ -166,15 +166,9 @@ def with_plans(prompt_embeds: list[torch.Tensor], plan_embeds: torch.Tensor | No
     return [torch.cat([e, p.to(e.dtype)], dim=0) for e, p in zip(prompt_embeds, plan_embeds)]
 
 
-def build_inputs_embeds(embed_tokens: nn.Module, prompt_ids: list[list[int]],
-                        plans: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Embedded prompts, followed by already-lifted plans when given: `[embed(prompt); bot;
-    adapter(z); eot]`. Decodes go through `Reasoner.prefixes`, which also honours a question-free
-    codec (`with_plans(..., sees_question=False)`); both share `with_plans`.
-
-    prompt_ids: B token-id lists; plans: [B, L + 2, hidden] from `LatentCodec.plan_embeds`, or None.
-    Returns B tensors [T_b, hidden] (unpadded: the transformers backend pads, vLLM takes them as is).
-    """
+def build_inputs_embeds(embed_tokens: nn.Module, prompt_ids: list[list[int]]) -> list[torch.Tensor]:
+    """The embedded prompts: B token-id lists -> B tensors [T_b, hidden] (unpadded: the transformers
+    backend pads, vLLM takes them as is). Plans join them only through `with_plans` (via
+    `Reasoner.prefixes`), which honours a question-free codec."""
     weight = embed_tokens.weight
-    embedded = [embed_tokens(torch.as_tensor(ids, dtype=torch.long, device=weight.device)) for ids in prompt_ids]
-    return with_plans(embedded, plans)
+    return [embed_tokens(torch.as_tensor(ids, dtype=torch.long, device=weight.device)) for ids in prompt_ids]

@@ -1,7 +1,7 @@
 """Question -> M latent plans -> N texts per plan: the path training, evaluation and serving walk.
 
     prompt ids ─► embed ─► policy.sample (M plans, one batch) ─► codec.plan_embeds
-               └────────────────────────────────────────────► build_inputs_embeds ─► backend.generate (N each)
+               └──────────────────────────────────► with_plans (Reasoner.rows: seeds) ─► backend.generate (N each)
 """
 from __future__ import annotations
 
@@ -21,9 +21,15 @@ from .seeding import plan_noise, plan_params, question_seed
 
 @dataclass
 class Completion:
+    """One text and the plan it came from: what generation, evaluation and the server's modes share."""
+
     text: str
     plan_index: int | None  # which latent plan of its question (None for token-level checkpoints)
     decoded: Decoded
+
+    @property
+    def finish_reason(self) -> str:
+        return self.decoded.finish_reason
 
 
 @dataclass
@@ -32,6 +38,25 @@ class Generation:
 
     completions: list[Completion]  # plan-major: plan 0's N texts, then plan 1's, ...
     plans: torch.Tensor | None  # [M, L, d_z] normalised latents, None for token-level
+
+
+@dataclass
+class Rows:
+    """Questions laid out for the decoder: one row per (question, plan), plan-major within a question."""
+
+    embeds: list[torch.Tensor]  # each row's prompt embeddings
+    plans: torch.Tensor | None  # [rows, L, d_z] each row's plan, None for a token-level checkpoint
+    counts: list[int]  # texts per row
+    params: list[SamplingParams]  # each row's own sampling stream (seeding.py)
+    question: list[int]  # which question each row belongs to
+    plan_index: list[int | None]  # the row's plan within its question (None: token-level)
+
+    def completions(self, decoded: list[list[Decoded]]) -> list[list[Completion]]:
+        """The decoded texts regrouped per question, plan-major."""
+        out: list[list[Completion]] = [[] for _ in range(max(self.question, default=-1) + 1)]
+        for q, m, texts in zip(self.question, self.plan_index, decoded):
+            out[q].extend(Completion(d.text, m, d) for d in texts)
+        return out
 
 
 def pad_embeds(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +160,41 @@ class Reasoner:
         """Decoder positions a plan adds to every prefix (0 for a token-level checkpoint)."""
         return plan_positions(self.checkpoint.codec.cfg if self.is_latent else None)
 
+    def plan_noise(self, seeds: list[int | None], plans: list[int]) -> torch.Tensor:
+        """Each question's initial plan noises from its seed (seeding.py), stacked [sum(plans), L, d_z]."""
+        cfg = self.checkpoint.codec.cfg
+        return torch.cat([plan_noise(s, m, cfg.latent_tokens, cfg.latent_dim) for s, m in zip(seeds, plans)])
+
+    def seeded_plans(self, prompt_embeds: list[torch.Tensor], plans: list[int], seeds: list[int | None],
+                     **overrides) -> list[torch.Tensor]:
+        """Each question's plans [M_q, L, d_z] from its own seed, all denoised in one pass."""
+        sample = self.sample_plans(prompt_embeds, plans, init_noise=self.plan_noise(seeds, plans), **overrides)
+        return list(sample.latents.split(plans))
+
+    def rows(self, prompt_embeds: list[torch.Tensor], plans: list[torch.Tensor] | None, texts_per_row: list[int],
+             params: list[SamplingParams]) -> Rows:
+        """The one prompts -> rows step (generation, the server's engine, RL rollouts): question q
+        has the plans `plans[q]` [M_q, L, d_z] (None: one plan-less row), `texts_per_row[q]` texts
+        each, seeded from `params[q].seed` by the seeding rule."""
+        rows = Rows([], None, [], [], [], [])
+        kept = []
+        for q, (e, n, p) in enumerate(zip(prompt_embeds, texts_per_row, params, strict=True)):
+            count = 1 if plans is None else plans[q].shape[0]
+            for m, row_params in enumerate(plan_params(p, p.seed, count, n)):
+                rows.embeds.append(e)
+                rows.counts.append(n)
+                rows.params.append(row_params)
+                rows.question.append(q)
+                rows.plan_index.append(None if plans is None else m)
+            if plans is not None:
+                kept.append(plans[q])
+        rows.plans = torch.cat(kept) if kept else None
+        return rows
+
+    @torch.no_grad()
+    def decode_rows(self, rows: Rows, observer: StepObserver | None = None) -> list[list[Decoded]]:
+        return self.decode(rows.embeds, rows.plans, rows.counts, rows.params, observer)
+
     @torch.no_grad()
     def generate(self, prompts: list[str], plans: int = 1, samples_per_plan: int = 1,
                  params: SamplingParams | None = None, chat: bool = True, **plan_overrides) -> list[Generation]:
@@ -145,21 +205,13 @@ class Reasoner:
         ids = self.prompt_ids(prompts, chat)
         embeds = self.prompt_embeds(ids)
         seeds = [question_seed(params.seed, q) for q in range(len(prompts))]  # the one seeding rule
+        per_question = [replace(params, seed=s) for s in seeds]
         if not self.is_latent:
-            per_prompt = [plan_params(params, s, 1, plans * samples_per_plan)[0] for s in seeds]
-            decoded = self.backend.generate(embeds, plans * samples_per_plan, per_prompt)
-            return [Generation([Completion(d.text, None, d) for d in row], None) for row in decoded]
-        cfg = self.checkpoint.codec.cfg
-        noise = torch.cat([plan_noise(s, plans, cfg.latent_tokens, cfg.latent_dim) for s in seeds])
-        sample = self.sample_plans(embeds, plans, init_noise=noise, **plan_overrides)
-        rows_embeds = [e for e in embeds for _ in range(plans)]
-        per_plan = [p for s in seeds for p in plan_params(params, s, plans, samples_per_plan)]
-        decoded = self.decode(rows_embeds, sample.latents, samples_per_plan, per_plan)
-        out = []
-        for q in range(len(prompts)):
-            comps = [Completion(d.text, m, d) for m in range(plans) for d in decoded[q * plans + m]]
-            out.append(Generation(comps, sample.latents[q * plans:(q + 1) * plans]))
-        return out
+            rows = self.rows(embeds, None, [plans * samples_per_plan] * len(prompts), per_question)
+            return [Generation(c, None) for c in rows.completions(self.decode_rows(rows))]
+        latents = self.seeded_plans(embeds, [plans] * len(prompts), seeds, **plan_overrides)
+        rows = self.rows(embeds, latents, [samples_per_plan] * len(prompts), per_question)
+        return [Generation(c, z) for c, z in zip(rows.completions(self.decode_rows(rows)), latents)]
 
 
 def generate(checkpoint: str | Path | Reasoner, prompts: list[str], plans: int = 1, samples_per_plan: int = 1,

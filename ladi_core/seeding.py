@@ -1,22 +1,28 @@
 """The one seeding rule: the same `seed` gives the same plans and texts through `Reasoner.generate`,
-`training.eval`, RL rollouts' texts and the HTTP API, whatever else shares the batch.
+`training.eval`, RL rollouts and the HTTP API, whatever else shares the batch.
 
 A question asked with seed s:
 - its M initial plan noises are `randn(M, L, d_z)` from `torch.Generator().manual_seed(s)`;
-- plan m's N texts are decoded with their own SamplingParams, seed s + m * N (vLLM seeds text j
-  with seed + j; the transformers backend draws a prefix's N texts from one generator);
+- plan m's N texts are decoded with seed s + m * N (`row_params`: a row's texts take the seeds after
+  the rows before it; vLLM seeds text j of a row with seed + j, the transformers backend draws a
+  row's N texts from one generator seeded with its seed);
 - a token-level checkpoint is one "plan" of M * N texts.
 Several questions asked together with seed s: question i is asked with s + i * QUESTION_STRIDE
 (the stride exceeds any question's M * N, so no two questions share a text stream).
-RL rollouts sample plans with the stochastic sampler (its own generator) and decode texts by this rule.
+An RL step is its questions asked together with the step's seed (`training.rl`); its plans start
+from the same noises, and the SDE sampler's per-step noise comes from the rollout's own generator.
+No seed derives from which object carries it or where a row sits in a batch.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
-from .backends import SamplingParams
+if TYPE_CHECKING:  # the backends import this rule: no import back at run time
+    from .backends import SamplingParams
 
 QUESTION_STRIDE = 1 << 16  # > plans x samples per plan of any request (the server caps it at 256)
 
@@ -32,7 +38,15 @@ def plan_noise(seed: int | None, plans: int, latent_tokens: int, latent_dim: int
     return torch.randn(plans, latent_tokens, latent_dim, generator=gen)
 
 
+def row_params(params: SamplingParams, counts: list[int]) -> list[SamplingParams]:
+    """One SamplingParams per decoder row when `params` is shared by rows of `counts` texts each:
+    row i's texts take the seeds after those of the rows before it, so no two rows share a stream."""
+    if params.seed is None:
+        return [params] * len(counts)
+    starts = itertools.accumulate([0, *counts[:-1]])
+    return [replace(params, seed=params.seed + start) for start in starts]
+
+
 def plan_params(params: SamplingParams, seed: int | None, plans: int, samples_per_plan: int) -> list[SamplingParams]:
-    """One SamplingParams per plan of a question asked with `seed` (distinct objects: each plan's
-    texts have streams of their own, which no batch-mate changes)."""
-    return [replace(params, seed=None if seed is None else seed + m * samples_per_plan) for m in range(plans)]
+    """One SamplingParams per plan of a question asked with `seed`."""
+    return row_params(replace(params, seed=seed), [samples_per_plan] * plans)

@@ -59,7 +59,8 @@ def parse_args(argv=None) -> ServerConfig:
                         batch_window_ms=a.batch_window_ms, default_max_tokens=a.default_max_tokens,
                         denoising_steps=a.denoising_steps, torch_threads=a.torch_threads, pin_cpus=a.pin_cpus,
                         allow_code_execution=a.allow_code_execution, request_timeout_s=a.request_timeout_s,
-                        shutdown_grace_s=a.shutdown_grace_s, dead_linger_s=a.dead_linger_s, vllm=vllm, log_level=a.log_level)
+                        shutdown_grace_s=a.shutdown_grace_s, dead_linger_s=a.dead_linger_s, vllm=vllm,
+                        log_level=a.log_level)
 
 
 def resolve_backend(name: str) -> str:

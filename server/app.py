@@ -93,7 +93,7 @@ class Server:
         self.cfg = cfg
         self.reasoner = reasoner
         self.model_name = cfg.served_model_name or reasoner.checkpoint.path.name
-        self.metrics = ServerMetrics(self.model_name)
+        self.metrics = ServerMetrics()
         self.metrics.info.labels(self.model_name, reasoner.checkpoint.config.kind, backend_name).set(1)
         if hasattr(reasoner.backend, "prometheus_registry"):
             self.metrics.backend_registries.append(reasoner.backend.prometheus_registry())

@@ -28,27 +28,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ladi_core.backends import Decoded, SamplingParams
-from ladi_core.generation import Reasoner
+from ladi_core.backends import SamplingParams
+from ladi_core.generation import Completion, Reasoner
 from ladi_core.metrics import mean_pairwise_distance
-from ladi_core.seeding import plan_noise, plan_params
 
 from .metrics import ServerMetrics
 
 
 class QueueFull(Exception):
     pass
-
-
-@dataclass
-class Candidate:
-    text: str
-    plan_index: int | None
-    decoded: Decoded
-
-    @property
-    def finish_reason(self) -> str:
-        return self.decoded.finish_reason
 
 
 @dataclass(eq=False)  # identity semantics: jobs are keys
@@ -323,7 +311,7 @@ class Engine:
             for plan_idx, row, fut in rows:
                 for j, d in enumerate(fut.result()):
                     tracker.flush(row + j, d.text)
-                    cands.append(Candidate(d.text, plan_idx, d))
+                    cands.append(Completion(d.text, plan_idx, d))
         except Exception as err:
             self._fail([job], err)
             return
@@ -343,44 +331,31 @@ class Engine:
             self.metrics.queue_seconds.observe(t0 - job.arrival)
         embeds = r.prompt_embeds([j.prompt_ids for j in jobs])
         latents = self._sample_plans(jobs, embeds) if r.is_latent else None
-        prefix_embeds, row_plans, counts, params, prefix_job, prefix_plan, row_job, row_cand = ([] for _ in range(8))
-        for j, (job, e) in enumerate(zip(jobs, embeds)):
-            if latents is not None and job.plans > 1:
-                job.plan_distance = mean_pairwise_distance(latents[j])
-            plans = range(job.plans) if latents is not None else [None]
-            n = job.samples_per_plan if latents is not None else job.rows
-            per_plan = plan_params(job.params, job.params.seed, len(plans), n)  # the one seeding rule
-            for m in plans:
-                prefix_embeds.append(e)
-                if m is not None:
-                    row_plans.append(latents[j][m])
-                counts.append(n)
-                params.append(per_plan[m or 0])
-                prefix_job.append(job)
-                prefix_plan.append(m)
-                base = (m or 0) * n
-                row_job.extend([job] * n)
-                row_cand.extend(range(base, base + n))
+        rows = r.rows(embeds, latents, [job.samples_per_plan if latents is not None else job.rows for job in jobs],
+                      [job.params for job in jobs])  # the one prompts -> rows step
+        if latents is not None:
+            for job, z in zip(jobs, latents):
+                job.plan_distance = mean_pairwise_distance(z) if job.plans > 1 else None
+        prefix_job = [jobs[q] for q in rows.question]
+        row_job, row_cand = [], []
+        for job, m, n in zip(prefix_job, rows.plan_index, rows.counts):
+            row_job.extend([job] * n)
+            row_cand.extend(range((m or 0) * n, (m or 0) * n + n))
         latent_s = time.monotonic() - t0
         if r.is_latent:
             self.metrics.latent_seconds.observe(latent_s)
-        return _Prepared(jobs, prefix_embeds, torch.stack(row_plans) if row_plans else None, counts, params,
-                         prefix_job, prefix_plan, row_job, row_cand, latent_s)
+        return _Prepared(jobs, rows.embeds, rows.plans, rows.counts, rows.params, prefix_job, rows.plan_index,
+                         row_job, row_cand, latent_s)
 
     def _sample_plans(self, jobs: list[Job], embeds: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each request's plans from its own seed; requests with the same sampler settings share a pass."""
-        codec_cfg = self.reasoner.checkpoint.codec.cfg
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(tuple(sorted(job.overrides.items())), []).append(i)
         latents: list[torch.Tensor | None] = [None] * len(jobs)
         for key, idxs in groups.items():
-            noise = [plan_noise(jobs[i].params.seed, jobs[i].plans, codec_cfg.latent_tokens, codec_cfg.latent_dim)
-                     for i in idxs]
-            sample = self.reasoner.sample_plans([embeds[i] for i in idxs], [jobs[i].plans for i in idxs],
-                                                init_noise=torch.cat(noise), **dict(key))
-            start = 0
-            for i in idxs:
-                latents[i] = sample.latents[start:start + jobs[i].plans]
-                start += jobs[i].plans
+            plans = self.reasoner.seeded_plans([embeds[i] for i in idxs], [jobs[i].plans for i in idxs],
+                                               [jobs[i].params.seed for i in idxs], **dict(key))
+            for i, z in zip(idxs, plans):
+                latents[i] = z
         return latents  # type: ignore[return-value]

@@ -8,10 +8,9 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str):
+    def __init__(self):
         self.registry = r = CollectorRegistry()
         self.backend_registries: list = []  # e.g. the vLLM engine's own `vllm:` collectors
-        self.model_name = model_name
         self.requests = Counter("ladi:requests", "Finished requests by mode and status (HTTP code)",
                                 ["mode", "status"], registry=r)
         self.e2e = Histogram("ladi:e2e_request_latency_seconds", "Arrival to last byte", ["mode"],

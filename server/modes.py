@@ -16,11 +16,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from ladi_core.generation import Completion
 from ladi_core.metrics import pass_at_k
 from ladi_core.verifiers import VERIFIERS, Verifier, get_verifier
 
 from .config import Limits
-from .engine import Candidate
 from .errors import BadRequest
 from .protocol import LadiParams
 
@@ -79,7 +79,7 @@ def layout(req: LadiParams, latent: bool, limits: Limits, one_plan: bool = False
     return out
 
 
-def spread(cands: list[Candidate], lay: Layout) -> list[Candidate]:
+def spread(cands: list[Completion], lay: Layout) -> list[Completion]:
     """Candidates (plan-major) reordered round-robin over plans: the first M come from M plans."""
     m, s = lay.plans, lay.samples_per_plan
     return [cands[p * s + j] for j in range(s) for p in range(m) if p * s + j < len(cands)]
@@ -100,16 +100,16 @@ def resolve_verifier(name: str | None, task: str | None) -> tuple[str, Verifier 
 
 @dataclass
 class Scored:
-    cand: Candidate
+    cand: Completion
     score: float | None
     verified: bool | None
 
 
-def verify_all(cands: list[Candidate], verifier: Verifier, reference: Any) -> list[bool]:
+def verify_all(cands: list[Completion], verifier: Verifier, reference: Any) -> list[bool]:
     return [verifier.score(c.text, reference).solved for c in cands]
 
 
-def select(mode: str, cands: list[Candidate], lay: Layout, rule: str, verifier: Verifier | None,
+def select(mode: str, cands: list[Completion], lay: Layout, rule: str, verifier: Verifier | None,
            reference: Any) -> tuple[list[Scored], dict | None]:
     """Pick and annotate the returned choices. Runs verifiers: call it off the event loop.
     (`validate.plan_request` made sure pass_at_k has a reference and a verifier.)"""

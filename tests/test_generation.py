@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ladi_core.backends import SamplingParams
-from ladi_core.codec import build_inputs_embeds
+from ladi_core.codec import with_plans
 from ladi_core.generation import generate
 
 pytestmark = pytest.mark.slow
@@ -60,19 +60,25 @@ def test_backend_matches_transformers_generate(token_reasoner):
     assert ours.token_ids == ref_ids
 
 
-def test_inputs_embeds_are_prompt_then_bot_plan_eot(latent_reasoner):
+def test_prefixes_are_prompt_then_bot_plan_eot_as_the_codec_says(latent_reasoner):
+    """`[prompt; bot; adapter(z); eot]`, or the plan alone for a codec whose decoder does not see the
+    question: `Reasoner.prefixes` follows the checkpoint's flag (the one prompt -> prefix path)."""
     r = latent_reasoner
     codec = r.checkpoint.codec
     ids = r.prompt_ids(["Use 3 4 5 2 to make 23."])
     z = torch.randn(1, codec.cfg.latent_tokens, codec.cfg.latent_dim)
-    plan = codec.plan_embeds(z)
-    (seq,) = build_inputs_embeds(r.embed_tokens, ids, plan)
-    n = len(ids[0])
-    assert seq.shape == (n + codec.cfg.latent_tokens + 2, codec.cfg.hidden_size)
-    assert torch.equal(seq[:n], r.embed_tokens(torch.tensor(ids[0])))
-    assert torch.equal(seq[n], codec.adapter.bot) and torch.equal(seq[-1], codec.adapter.eot)
+    prompt = r.prompt_embeds(ids)
+    n, plan_len = len(ids[0]), codec.cfg.latent_tokens + 2
+    for sees in (True, False):
+        (seq,) = with_plans(prompt, codec.plan_embeds(z), sees)
+        assert seq.shape == ((n if sees else 0) + plan_len, codec.cfg.hidden_size)
+        if sees:
+            assert torch.equal(seq[:n], r.embed_tokens(torch.tensor(ids[0])))
+        assert torch.equal(seq[-plan_len], codec.adapter.bot) and torch.equal(seq[-1], codec.adapter.eot)
+    (served,) = r.prefixes(prompt, z)
+    assert torch.equal(served, with_plans(prompt, codec.plan_embeds(z), codec.cfg.decoder_sees_question)[0])
     with pytest.raises(ValueError):
-        build_inputs_embeds(r.embed_tokens, ids * 2, plan)
+        r.prefixes(r.prompt_embeds(ids * 2), z)
 
 
 def test_stop_strings_and_convenience_function(latent_ckpt):

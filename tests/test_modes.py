@@ -7,8 +7,8 @@ from math import comb
 import pytest
 
 from ladi_core.backends.base import Decoded
+from ladi_core.generation import Completion
 from ladi_core.verifiers import get_verifier
-from server.engine import Candidate
 from server.modes import Layout, select
 
 REF = {"numbers": [2, 3, 4, 5], "target": 23}
@@ -16,9 +16,9 @@ RIGHT = "(2+4)*3+5"  # = 23 with each number once
 WRONG = "2+3+4+5"  # = 14
 
 
-def cand(answer: str | None, token_logprobs: list[float], plan: int = 0) -> Candidate:
+def cand(answer: str | None, token_logprobs: list[float], plan: int = 0) -> Completion:
     text = "think\n" + (f"answer: {answer}" if answer is not None else "no answer")
-    return Candidate(text, plan, Decoded(text, list(range(len(token_logprobs))), sum(token_logprobs), "stop",
+    return Completion(text, plan, Decoded(text, list(range(len(token_logprobs))), sum(token_logprobs), "stop",
                                          list(token_logprobs)))
 
 

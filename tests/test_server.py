@@ -420,7 +420,7 @@ def test_api_key(reasoner):
 
 
 def test_bounded_queue_refuses_when_full(reasoner):
-    engine = Engine(reasoner, ServerMetrics("t"), max_queue=2)  # not started: nothing drains
+    engine = Engine(reasoner, ServerMetrics(), max_queue=2)  # not started: nothing drains
     loop = asyncio.new_event_loop()
 
     make = lambda: Job([1, 2, 3], 1, 1, SamplingParams(), loop)  # noqa: E731

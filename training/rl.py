@@ -37,6 +37,7 @@ from ladi_core.checkpoint import (
     update_metrics,
 )
 from ladi_core.generation import Reasoner
+from ladi_core.seeding import question_seed
 from ladi_core.tasks import get_task
 
 from .algos import ALGORITHMS
@@ -185,7 +186,8 @@ class Trainer:
     def _questions(self, step: int):
         rng, gen = step_rng(self.cfg.seed, "rl", step)
         qs = self.task.questions("train", self.cfg.questions_per_step, seed=rng.randrange(2**31))
-        seeds = [hash_int(f"{self.cfg.seed}:rl:{step}:{i}") for i in range(len(qs))]
+        # the step's questions are asked together with the step's seed: the one seeding rule
+        seeds = [question_seed(hash_int(f"{self.cfg.seed}:rl:{step}"), i) for i in range(len(qs))]
         mine = slice(self.dist.rank, None, self.dist.world)
         rgen = torch.Generator().manual_seed(hash_int(f"{self.cfg.seed}:rl:{step}:rank{self.dist.rank}"))
         return qs[mine], seeds[mine], rgen

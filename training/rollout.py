@@ -57,12 +57,6 @@ def score(questions: list[Question], decoded: list[list[Decoded]], per_question:
                   torch.tensor(correct, dtype=torch.float32))
 
 
-def seeded_params(base: SamplingParams, seeds: list[int]) -> list[SamplingParams]:
-    """One SamplingParams (so one generator) per prefix: each question's texts depend on its own
-    seed, not on which other questions share the batch or the process."""
-    return [replace(base, seed=s) for s in seeds]
-
-
 @dataclass
 class LatentRollout:
     prompt_embeds: list[torch.Tensor]
@@ -89,12 +83,13 @@ def latent_rollout(reasoner: Reasoner, questions: list[Question], verifier: Veri
     m, n = plans, samples_per_plan
     embeds = reasoner.prompt_embeds(reasoner.prompt_ids([q.prompt for q in questions]))
     cond, mask = pad_embeds(embeds)
-    sample = reasoner.checkpoint.policy.sample(cond, mask, m, generator=generator, sde=True, **(sampler or {}))
-    rows = [e for e in embeds for _ in range(m)]
-    # each plan its own streams: plan j's texts take seeds s + j*n .. s + j*n + n-1 (vLLM seeds child i with seed + i)
-    decoded = reasoner.decode(rows, sample.latents, n,
-                              seeded_params(params, [s + j * n for s in seeds for j in range(m)]))
-    scored = score(questions, decoded, m * n, verifier, rewards)
+    # the plans start from each question's seeded noises (seeding.py); the SDE's noise is the rollout's
+    sample = reasoner.checkpoint.policy.sample(cond, mask, m, generator=generator, sde=True,
+                                               init_noise=reasoner.plan_noise(seeds, [m] * len(questions)),
+                                               **(sampler or {}))
+    rows = reasoner.rows(embeds, list(sample.latents.split(m)), [n] * len(questions),
+                         [replace(params, seed=s) for s in seeds])
+    scored = score(questions, reasoner.decode_rows(rows), m * n, verifier, rewards)
     utility = scored.rewards.view(len(questions), m, n).mean(-1)
     dist = sum(mean_pairwise_distance(sample.latents[i * m:(i + 1) * m]) for i in range(len(questions)))
     return LatentRollout(embeds, cond.repeat_interleave(m, 0), mask.repeat_interleave(m, 0), sample, scored,
@@ -127,8 +122,9 @@ def token_rollout(reasoner: Reasoner, questions: list[Question], verifier: Verif
     ids = reasoner.prompt_ids([q.prompt for q in questions])
     embeds = reasoner.prompt_embeds(ids)
     thoughts = reasoner.sample_plans(embeds, 1).latents if reasoner.is_latent else None
-    decoded = reasoner.decode(embeds, thoughts, group, seeded_params(params, seeds))
-    scored = score(questions, decoded, group, verifier, rewards)
+    rows = reasoner.rows(embeds, None if thoughts is None else list(thoughts.split(1)), [group] * len(questions),
+                         [replace(params, seed=s) for s in seeds])
+    scored = score(questions, reasoner.decode_rows(rows), group, verifier, rewards)
     adv = advantages(scored) if advantages is not None else group_advantages(scored.rewards, clip=adv_clip)
     return TokenRollout(ids, embeds, scored, adv, thoughts)
 

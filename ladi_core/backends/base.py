@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from ..seeding import row_params
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -144,13 +146,17 @@ def finished(results: list[list[Decoded]]) -> list[Future[list[Decoded]]]:
 
 def per_prefix_requests(num_prefixes: int, n: int | Sequence[int], params: SamplingParams | Sequence[SamplingParams],
                         ) -> tuple[list[int], list[SamplingParams]]:
-    """A backend call's arguments as one sample count and one SamplingParams per prefix, checked."""
+    """A backend call's arguments as one sample count and one SamplingParams per prefix, checked.
+    One SamplingParams for every prefix is spread by the seeding rule (`seeding.row_params`); a list
+    is taken as given: each prefix's texts are seeded by its own entry's seed alone."""
     counts = [n] * num_prefixes if isinstance(n, int) else list(n)
-    per_prefix = list(params) if isinstance(params, Sequence) else [params] * num_prefixes
-    if len(per_prefix) != num_prefixes or len(counts) != num_prefixes:
-        raise ValueError(f"{num_prefixes} prefixes need as many SamplingParams and counts")
-    if min(counts) < 1:
+    if len(counts) != num_prefixes:
+        raise ValueError(f"{num_prefixes} prefixes need as many counts")
+    if min(counts, default=1) < 1:
         raise ValueError("n must be >= 1")
+    per_prefix = list(params) if isinstance(params, Sequence) else row_params(params, counts)
+    if len(per_prefix) != num_prefixes:
+        raise ValueError(f"{num_prefixes} prefixes need as many SamplingParams")
     return counts, per_prefix
 
 

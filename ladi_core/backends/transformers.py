@@ -108,12 +108,10 @@ class TransformersBackend:
         if not prefixes:
             return []
         counts, per_prefix = per_prefix_requests(len(prefixes), n, params)
-        # One generator per seeded SamplingParams object, shared by the prefixes that carry it: a
-        # request's plans share one, two requests with equal seeds do not (each reproduces alone).
-        gens: dict[int, torch.Generator] = {}
-        for p in per_prefix:
-            if p.seed is not None and id(p) not in gens:
-                gens[id(p)] = torch.Generator(device=self.device).manual_seed(p.seed)
+        # one generator per seeded prefix, from its own seed (seeding.py): a prefix's texts do not
+        # depend on which others share the call
+        gens = [None if p.seed is None else torch.Generator(device=self.device).manual_seed(p.seed)
+                for p in per_prefix]
         out: list[list[Decoded]] = []
         start, row = 0, 0
         while start < len(prefixes):
@@ -121,8 +119,8 @@ class TransformersBackend:
             while end < len(prefixes) and rows + counts[end] <= self.max_batch_seqs:
                 rows += counts[end]
                 end += 1
-            out.extend(self._generate_chunk(prefixes[start:end], counts[start:end], per_prefix[start:end], gens,
-                                            observer, row))
+            out.extend(self._generate_chunk(prefixes[start:end], counts[start:end], per_prefix[start:end],
+                                            gens[start:end], observer, row))
             start, row = end, row + rows
         return out
 
@@ -165,12 +163,12 @@ class TransformersBackend:
         shaper = LogitShaper(params, reps, logits.shape[-1], dev) if any(p.shapes_logits for p in params) else None
         k_top = max(p.top_logprobs for p in params)
         is_stop = torch.isin(torch.arange(logits.shape[-1], device=dev), self.stop_ids)  # [vocab]
-        # consecutive prefixes with the same generator draw together (rows are prefix-major)
+        # each prefix's rows draw from its own generator; unseeded prefixes in a run draw together
+        # from the global one (rows are prefix-major)
         groups: list[tuple[slice, torch.Generator | None]] = []
-        for i, p in enumerate(params):
-            gen = gens.get(id(p))
-            if groups and groups[-1][1] is gen:
-                groups[-1] = (slice(groups[-1][0].start, offsets[i + 1]), gen)
+        for i, gen in enumerate(gens):
+            if groups and gen is None and groups[-1][1] is None:
+                groups[-1] = (slice(groups[-1][0].start, offsets[i + 1]), None)
             else:
                 groups.append((slice(offsets[i], offsets[i + 1]), gen))
 

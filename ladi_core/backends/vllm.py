@@ -1,6 +1,6 @@
 """Decoder backend on a vLLM engine (`AsyncLLM`): latent plans enter the decoder as prompt embeddings.
 
-Each prefix `[prompt; bot; adapter(z); eot]` (built by `codec.build_inputs_embeds` /
+Each prefix `[prompt; bot; adapter(z); eot]` (built by `Reasoner.prefixes`: `codec.with_plans` over
 `plan_embeds`, the same tensors the transformers backend reads) is one engine request with
 n = samples per plan, so the n texts share the plan's KV prefix, and the engine batches requests
 continuously. The engine lives on its own event-loop thread so the synchronous `DecoderBackend`
@@ -308,16 +308,9 @@ class VLLMBackend:
             return []
         counts, per_prefix = per_prefix_requests(len(prefixes), n, params)
         offsets = list(itertools.accumulate([0] + counts[:-1]))
-        # Prefixes that carry the same seeded SamplingParams object (one request's plans) take
-        # consecutive seeds, child j of a prefix seeding with seed + j in the engine: no two rows of
-        # a request share a random stream, and the request reproduces alone.
-        seeds, taken = [], {}
-        for sp, c in zip(per_prefix, counts):
-            first = taken.get(id(sp), 0)
-            seeds.append(None if sp.seed is None else sp.seed + first)
-            taken[id(sp)] = first + c
+        # each prefix is seeded by its own params (seeding.py); child j of a prefix seeds with seed + j
         futures: list[Future[list[Decoded]]] = [Future() for _ in prefixes]
-        requests = list(zip(prefixes, counts, per_prefix, seeds, offsets, futures))
+        requests = list(zip(prefixes, counts, per_prefix, [p.seed for p in per_prefix], offsets, futures))
 
         def start():
             for prefix, c, sp, seed, off, fut in requests:

@@ -70,11 +70,6 @@ class Algorithm(ABC):
         """The modules that change, by name: the resumable state saves and restores exactly these."""
 
     @property
-    def reference(self) -> torch.nn.Module | None:
-        """The frozen copy the KL term pulls towards (None without one)."""
-        return self._ref
-
-    @property
     def decoder_training(self) -> str | None:
         """Why the decoder trains (the flag to name when a rollout engine cannot follow its
         weights), or None when it stays frozen."""
