@@ -134,10 +134,7 @@ def select(mode: str, cands: list[Completion], lay: Layout, rule: str, verifier:
         votes = Counter(a for a in answers if a is not None)
         scores = [votes[a] / len(cands) if a is not None else 0.0 for a in answers]
         ok = [None] * len(cands)
-    elif rule == "majority":
-        raise BadRequest("majority voting needs an answer extractor: name a task verifier in `verifier` "
-                         "or serve a checkpoint with a task", "verifier")
-    else:
+    else:  # likelihood (validate.plan_request refused majority without an extractor)
         scores, ok = likelihood, [None] * len(cands)
     order = sorted(range(len(cands)), key=lambda i: (-scores[i], -likelihood[i], i))[: lay.choices]
     return [Scored(cands[i], scores[i], ok[i]) for i in order], None

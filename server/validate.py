@@ -44,6 +44,9 @@ def plan_request(cfg: ServerConfig, reasoner: Reasoner, req: LadiParams, model_n
     overrides = _policy_overrides(reasoner, req, overrides)
     lay = layout(req, reasoner.is_latent, cfg.limits, one_plan=reasoner.is_latent and not reasoner.distinct_plans)
     rule, verifier = resolve_verifier(req.verifier, reasoner.checkpoint.config.task)
+    if req.mode == "best_of_n" and rule == "majority" and verifier is None:
+        raise BadRequest("majority voting needs an answer extractor: name a task verifier in `verifier` "
+                         "or serve a checkpoint with a task", "verifier")
     if req.mode == "pass_at_k" and (req.reference is None or verifier is None):
         raise BadRequest("pass_at_k needs a `reference` and a verifier (the checkpoint's task or `verifier`)",
                          "reference")

@@ -68,3 +68,27 @@ def test_pass_at_k_counts_the_correct_candidates_one_per_plan():
     assert summary["samples"] == 4 and summary["correct"] == 2
     for k in range(1, 5):
         assert summary["pass_at"][str(k)] == pytest.approx(1 - comb(2, k) / comb(4, k))
+
+
+@pytest.mark.slow
+def test_majority_without_an_answer_extractor_is_refused_before_anything_is_queued(latent_reasoner):
+    """A checkpoint with no task and no `verifier` named: best_of_n by majority is a 400 from the
+    request's validation, so no plan is denoised and no text decoded for it."""
+    from dataclasses import replace
+
+    from ladi_core.generation import Reasoner
+    from server.config import ServerConfig
+    from server.errors import BadRequest
+    from server.protocol import CompletionRequest
+    from server.validate import plan_request
+
+    ck = latent_reasoner.checkpoint
+    taskless = Reasoner(replace(ck, config=ck.config.model_copy(update={"task": None})), latent_reasoner.backend,
+                        latent_reasoner.embed_tokens)
+    cfg = ServerConfig(checkpoint=str(ck.path))
+    req = CompletionRequest(prompt="Make 23 from 3 4 5 2.", n=2, mode="best_of_n", verifier="majority")
+    with pytest.raises(BadRequest) as err:
+        plan_request(cfg, taskless, req, "m")
+    assert err.value.param == "verifier" and "answer extractor" in str(err.value)
+    # naming a task verifier is the fix the message gives, and it is accepted
+    assert plan_request(cfg, taskless, req.model_copy(update={"verifier": "countdown"}), "m").rule == "verifier"
