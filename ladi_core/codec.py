@@ -145,6 +145,11 @@ class LatentCodec(nn.Module):
         """A plan in policy space -> the embeddings the decoder reads: [bot; adapter(z); eot]."""
         return self.adapter(self.denormalize(z_normalized))
 
+    def prefixes(self, prompt_embeds: list[torch.Tensor], z_normalized: torch.Tensor) -> list[torch.Tensor]:
+        """Each row's decoder prefix for its plan (rows aligned one to one), always as this codec's
+        decoder reads it (`decoder_sees_question`): the one plan -> prefix step."""
+        return with_plans(prompt_embeds, self.plan_embeds(z_normalized), self.cfg.decoder_sees_question)
+
 
 def plan_positions(cfg: CodecConfig | None) -> int:
     """How many decoder positions a plan takes: bot, L latents, eot (0 without a codec)."""

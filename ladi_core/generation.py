@@ -13,7 +13,7 @@ import torch
 
 from .backends import Decoded, DecoderBackend, SamplingParams, StepObserver, TransformersBackend
 from .checkpoint import Checkpoint, load_checkpoint
-from .codec import build_inputs_embeds, plan_positions, with_plans
+from .codec import build_inputs_embeds, plan_positions
 from .decoder import chat_prompt, load_decoder
 from .policies import PlanSample
 from .seeding import plan_noise, plan_params, question_seed
@@ -152,8 +152,7 @@ class Reasoner:
         """The decoder's input per row: the prompt, then the plan's [bot; adapter(z); eot] when there is one."""
         if plans is None:
             return list(prompt_embeds)
-        codec = self.checkpoint.codec
-        return with_plans(prompt_embeds, codec.plan_embeds(plans), codec.cfg.decoder_sees_question)
+        return self.checkpoint.codec.prefixes(prompt_embeds, plans)
 
     @property
     def plan_positions(self) -> int:

@@ -106,6 +106,23 @@ def test_grpo_normalisations():
         grpo_loss(logp, logp, adv, mask, 0.2, "nope")
 
 
+def test_teacher_forcing_lays_out_prefix_then_target_with_labels_on_the_target_only():
+    from training.common import teacher_forcing
+
+    embed = torch.nn.Embedding(10, 3)
+    prefixes = [torch.ones(2, 3), torch.full((1, 3), 5.0)]
+    x, mask, labels = teacher_forcing(prefixes, [[4, 5, 6], [7]], embed)
+    assert x.shape == (2, 5, 3)
+    assert torch.equal(x[0, :2], prefixes[0]) and torch.equal(x[0, 2:], embed(torch.tensor([4, 5, 6])))
+    assert torch.equal(x[1, :1], prefixes[1]) and torch.equal(x[1, 1], embed(torch.tensor(7)))
+    assert not x[1, 2:].any()  # zero padding, masked out
+    assert mask.tolist() == [[True] * 5, [True, True, False, False, False]]
+    assert labels.tolist() == [[-100, -100, 4, 5, 6], [-100, 7, -100, -100, -100]]
+    reads = [torch.zeros(3, 3), torch.zeros(1, 3)]  # what the decoder reads instead of the targets
+    x2, _, labels2 = teacher_forcing(prefixes, [[4, 5, 6], [7]], embed, target_embeds=reads)
+    assert not x2[0, 2:].any() and torch.equal(labels2, labels)
+
+
 def test_grpo_first_step_gradient_is_the_policy_gradient():
     w = torch.randn(4, 3, requires_grad=True)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)

@@ -21,13 +21,20 @@ from pathlib import Path
 import torch
 
 from ladi_core.checkpoint import command_line, exit_on_user_error, git_commit, load_checkpoint
-from ladi_core.codec import CodecConfig, LatentCodec, with_plans
+from ladi_core.codec import CodecConfig, LatentCodec
 from ladi_core.decoder import chat_prompt, load_decoder
 from ladi_core.generation import pad_embeds
 from ladi_core.policies import RecurrentPolicy, RecurrentPolicyConfig
 from ladi_core.tasks import get_task
 
-from .common import MetricsLog, checkpoint_stage_config, checkpoint_stage_parser, open_work_dir, pad_batch, set_threads
+from .common import (
+    MetricsLog,
+    checkpoint_stage_config,
+    checkpoint_stage_parser,
+    open_work_dir,
+    set_threads,
+    teacher_forcing,
+)
 from .config import CheckpointStageConfig, StageConfig
 from .sft import finish_checkpoint_stage, run_stage
 
@@ -62,10 +69,8 @@ def stage_loss(decoder, codec: LatentCodec, policy: RecurrentPolicy, prompts: li
     prompt_embeds = [embed(torch.tensor(p)) for p in prompts]
     cond, mask = pad_embeds(prompt_embeds)
     h = policy.think(cond, mask, thoughts)
-    prefixes = with_plans(prompt_embeds, codec.plan_embeds(h))
-    rows = [torch.cat([pre, embed(torch.tensor(r))]) for pre, r in zip(prefixes, rests)]
-    labels, _ = pad_batch([[-100] * pre.shape[0] + r for pre, r in zip(prefixes, rests)], -100)
-    x, xmask = pad_embeds(rows)
+    prefixes = codec.prefixes(prompt_embeds, h)
+    x, xmask, labels = teacher_forcing(prefixes, rests, embed)
     return decoder(inputs_embeds=x, attention_mask=xmask.long(), labels=labels).loss
 
 

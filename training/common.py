@@ -50,6 +50,25 @@ def pad_batch(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
+def teacher_forcing(prefixes: list[torch.Tensor], targets: list[list[int]], embed: torch.nn.Module,
+                    target_embeds: list[torch.Tensor] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one teacher-forcing layout (SFT, the prior's rollout stage, Coconut's curriculum, the text
+    policies' log-probs, evaluation): per row `[prefix; target]`, right-padded with zeros. Returns
+    (inputs_embeds [B, T, H], attention mask [B, T] bool, labels [B, T]: the target ids, -100 over
+    the prefix and the padding). target_embeds: what the decoder reads for a target instead of its
+    own embeddings (the writer's chain-of-thought dropout)."""
+    from ladi_core.generation import pad_embeds
+
+    if target_embeds is None:
+        device = prefixes[0].device
+        target_embeds = [embed(torch.tensor(t, dtype=torch.long, device=device)) for t in targets]
+    rows = [torch.cat([p, e.to(p.dtype)]) for p, e in zip(prefixes, target_embeds, strict=True)]
+    x, mask = pad_embeds(rows)
+    labels, _ = pad_batch([[-100] * p.shape[0] + list(t) for p, t in zip(prefixes, targets, strict=True)], -100)
+    return x, mask, labels.to(x.device)
+
+
 class MetricsLog:
     """Append-only JSONL: one object per logged step, with wall-clock time."""
 

@@ -30,7 +30,7 @@ from ladi_core.seeding import question_seed
 from ladi_core.tasks import Question, get_task
 from ladi_core.verifiers import Verifier
 
-from .common import set_threads
+from .common import set_threads, teacher_forcing
 
 
 def evaluate(reasoner: Reasoner, questions: list[Question], verifier: Verifier, *, plans: int,
@@ -136,14 +136,11 @@ def latent_information(reasoner: Reasoner, questions: list[Question]) -> dict:
         decoder, _ = load_decoder(reasoner.checkpoint.decoder_dir)
     out = {}
     for name, plans in (("own", post), ("shuffled", post.roll(1, 0))):
-        total = count = 0.0
-        for prefix, target in zip(reasoner.prefixes(prompts, plans), targets):
-            t = torch.tensor(target)
-            x = torch.cat([prefix, reasoner.embed_tokens(t)])[None]
-            logits = decoder(inputs_embeds=x.to(decoder.dtype)).logits[0, prefix.shape[0] - 1:-1]
-            total += float(torch.nn.functional.cross_entropy(logits.float(), t, reduction="sum"))
-            count += len(target)
-        out[f"ce_{name}_z"] = total / count
+        x, mask, labels = teacher_forcing(reasoner.prefixes(prompts, plans), targets, reasoner.embed_tokens)
+        logits = decoder(inputs_embeds=x.to(decoder.dtype), attention_mask=mask.long()).logits[:, :-1].float()
+        total = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                                  reduction="sum")
+        out[f"ce_{name}_z"] = float(total) / sum(len(t) for t in targets)
     return out
 
 

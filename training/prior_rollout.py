@@ -20,12 +20,19 @@ from pathlib import Path
 import torch
 
 from ladi_core.checkpoint import command_line, exit_on_user_error, git_commit, load_checkpoint
-from ladi_core.codec import with_plans
 from ladi_core.decoder import load_decoder
 from ladi_core.generation import pad_embeds
 from ladi_core.tasks import get_task
 
-from .common import MetricsLog, checkpoint_stage_config, checkpoint_stage_parser, open_work_dir, pad_batch, set_threads
+from .common import (
+    MetricsLog,
+    checkpoint_stage_config,
+    checkpoint_stage_parser,
+    open_work_dir,
+    pad_batch,
+    set_threads,
+    teacher_forcing,
+)
 from .config import CheckpointStageConfig, StageConfig
 from .sft import Examples, finish_checkpoint_stage, run_stage
 
@@ -57,14 +64,12 @@ def answer_loss(decoder, codec, prompt_embeds: list[torch.Tensor], latents: torc
     references (with one reference each: the decoder's own mean cross-entropy), and each row's
     chosen reference [rows]."""
     embed = decoder.get_input_embeddings()
-    prefixes = with_plans(prompt_embeds, codec.plan_embeds(latents), codec.cfg.decoder_sees_question)
+    prefixes = codec.prefixes(prompt_embeds, latents)
     k = len(refs[0])
     if any(len(r) != k for r in refs):
         raise ValueError("every question needs the same number of references")
-    rows = [torch.cat([pre, embed(torch.tensor(c))]) for pre, rs in zip(prefixes, refs) for c in rs]
-    labels = [[-100] * pre.shape[0] + c for pre, rs in zip(prefixes, refs) for c in rs]
-    x, mask = pad_embeds(rows)
-    lab, _ = pad_batch(labels, -100)
+    x, mask, lab = teacher_forcing([pre for pre, rs in zip(prefixes, refs) for _ in rs],
+                                   [c for rs in refs for c in rs], embed)
     logits = decoder(inputs_embeds=x, attention_mask=mask.long()).logits[:, :-1].float()
     target = lab[:, 1:]
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")

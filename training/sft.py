@@ -32,7 +32,17 @@ from ladi_core.generation import Reasoner, pad_embeds
 from ladi_core.policies import DiffusionPolicy
 from ladi_core.tasks import get_task
 
-from .common import MetricsLog, load_state, lr_at, open_work_dir, pad_batch, save_state, set_threads, step_rng
+from .common import (
+    MetricsLog,
+    load_state,
+    lr_at,
+    open_work_dir,
+    pad_batch,
+    save_state,
+    set_threads,
+    step_rng,
+    teacher_forcing,
+)
 from .config import PRESETS, SFTConfig, StageConfig, with_overrides
 from .eval import evaluate, plan_following, summarize
 
@@ -131,16 +141,13 @@ def latent_reconstruction_loss(decoder, codec: LatentCodec, prompts: list[list[i
     plan = codec.adapter(z)
     hidden_tok = embed(torch.tensor([pad]))[0]
     dropout = ccfg.cot_dropout if ccfg.decoder_sees_question else 0.0
-    rows, labels = [], []
+    prefixes, reads = [], []
     for i, (p, c) in enumerate(zip(prompts, comps)):
         e = embed(torch.tensor(p + c))
         hide = torch.rand(len(c), generator=gen) < dropout
-        ce_in = torch.where(hide[:, None], hidden_tok, e[len(p):])
-        prefix = with_plans([e[: len(p)]], plan[i:i + 1], ccfg.decoder_sees_question)[0]
-        rows.append(torch.cat([prefix, ce_in]))
-        labels.append([-100] * prefix.shape[0] + c)
-    x, xmask = pad_embeds(rows)
-    lab, _ = pad_batch(labels, -100)
+        reads.append(torch.where(hide[:, None], hidden_tok, e[len(p):]))
+        prefixes.append(with_plans([e[: len(p)]], plan[i:i + 1], ccfg.decoder_sees_question)[0])
+    x, xmask, lab = teacher_forcing(prefixes, comps, embed, target_embeds=reads)
     ce = decoder(inputs_embeds=x, attention_mask=xmask.long(), labels=lab).loss
     kl_nats = kl.sum(dim=(-2, -1)).mean()
     return ce + codec.kl_penalty(kl, progress), {"ce": round(ce.item(), 5), "kl": round(kl_nats.item(), 3)}

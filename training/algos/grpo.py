@@ -13,6 +13,7 @@ import torch
 
 from ladi_core.codec import build_inputs_embeds
 
+from ..common import teacher_forcing
 from ..rollout import completion_ids, token_rollout
 from .base import Algorithm
 from .common import clipped_surrogate, text_advantages_by
@@ -22,26 +23,15 @@ def token_log_probs(model, prefixes: list[torch.Tensor], completions: list[list[
                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced log-probs of each completion token after its prefix embeddings.
     Returns (logp [B, T], mask [B, T]) with T the longest completion; right padding."""
-    embed = model.get_input_embeddings()
-    hidden = prefixes[0].shape[-1]
-    lengths = [p.shape[0] + len(c) for p, c in zip(prefixes, completions)]
-    t_max, c_max = max(lengths), max(1, max(len(c) for c in completions))
-    x = prefixes[0].new_zeros(len(prefixes), t_max, hidden)
-    attn = torch.zeros(len(prefixes), t_max, dtype=torch.long, device=x.device)
-    targets = torch.zeros(len(prefixes), c_max, dtype=torch.long, device=x.device)
-    mask = torch.zeros(len(prefixes), c_max, dtype=torch.bool, device=x.device)
-    starts = []
-    for i, (p, c) in enumerate(zip(prefixes, completions)):
-        ids = torch.tensor(c, dtype=torch.long, device=x.device)
-        row = torch.cat([p.to(x.dtype), embed(ids)]) if c else p.to(x.dtype)
-        x[i, : row.shape[0]] = row
-        attn[i, : row.shape[0]] = 1
-        targets[i, : len(c)] = ids
-        mask[i, : len(c)] = True
-        starts.append(p.shape[0] - 1)  # the logit at the last prefix position predicts token 0
-    logits = model(inputs_embeds=x, attention_mask=attn).logits.float() / temperature
-    idx = torch.tensor(starts, device=x.device)[:, None] + torch.arange(c_max, device=x.device)[None]
-    idx = idx.clamp_max(t_max - 1)
+    x, attn, labels = teacher_forcing(prefixes, completions, model.get_input_embeddings())
+    t_max, c_max = x.shape[1], max(1, max(len(c) for c in completions))
+    logits = model(inputs_embeds=x, attention_mask=attn.long()).logits.float() / temperature
+    # the logit at the last prefix position predicts token 0
+    starts = torch.tensor([p.shape[0] - 1 for p in prefixes], device=x.device)
+    idx = (starts[:, None] + torch.arange(c_max, device=x.device)[None]).clamp_max(t_max - 1)
+    mask = torch.arange(c_max, device=x.device)[None] < torch.tensor([len(c) for c in completions],
+                                                                      device=x.device)[:, None]
+    targets = labels.gather(1, (idx + 1).clamp_max(t_max - 1)).masked_fill(~mask, 0)
     picked = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
     logp = torch.log_softmax(picked, -1).gather(-1, targets[..., None]).squeeze(-1)
     return logp * mask, mask
