@@ -523,9 +523,13 @@ def test_a_short_run_on_a_tiny_task_raises_the_reward(algo, init, tmp_path):
                             for q, split in rows))
     out = tmp_path / algo
     root = Path(__file__).resolve().parent.parent
-    rl.main(["--algo", algo, "--init", str(root / "checkpoints" / init), "--out", str(out), "--preset", "smoke",
-             "--task", str(data), "--verifier", "countdown", "--steps", "40", "--eval-questions", "1",
-             "--lr", "3e-4", "--plans", "4", "--samples-per-plan", "2", "--seed", "0", "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:  # one thread: a tiny model gains nothing from two, and a busy machine would oversubscribe them
+        rl.main(["--algo", algo, "--init", str(root / "checkpoints" / init), "--out", str(out), "--preset", "smoke",
+                 "--task", str(data), "--verifier", "countdown", "--steps", "40", "--eval-questions", "1",
+                 "--lr", "3e-4", "--plans", "4", "--samples-per-plan", "2", "--seed", "0", "--threads", "1"])
+    finally:  # later tests in this process (the resume tests compare against runs made with the default)
+        torch.set_num_threads(threads)
     rewards = [x["reward_mean"] for x in metrics_lines(out)]
     assert len(rewards) == 40
     first, last = sum(rewards[:5]) / 5, sum(rewards[-10:]) / 10
