@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .codec import build_inputs_embeds, plan_positions
 from .decoder import chat_prompt, load_decoder
 from .policies import PlanSample
-from .seeding import plan_noise, plan_params, question_seed
+from .seeding import plan_noise, question_seed, row_params
 
 
 @dataclass
@@ -179,10 +179,10 @@ class Reasoner:
         kept = []
         for q, (e, n, p) in enumerate(zip(prompt_embeds, texts_per_row, params, strict=True)):
             count = 1 if plans is None else plans[q].shape[0]
-            for m, row_params in enumerate(plan_params(p, p.seed, count, n)):
+            for m, params_m in enumerate(row_params(p, [n] * count)):
                 rows.embeds.append(e)
                 rows.counts.append(n)
-                rows.params.append(row_params)
+                rows.params.append(params_m)
                 rows.question.append(q)
                 rows.plan_index.append(None if plans is None else m)
             if plans is not None:

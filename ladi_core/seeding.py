@@ -46,7 +46,3 @@ def row_params(params: SamplingParams, counts: list[int]) -> list[SamplingParams
     starts = itertools.accumulate([0, *counts[:-1]])
     return [replace(params, seed=params.seed + start) for start in starts]
 
-
-def plan_params(params: SamplingParams, seed: int | None, plans: int, samples_per_plan: int) -> list[SamplingParams]:
-    """One SamplingParams per plan of a question asked with `seed`."""
-    return row_params(replace(params, seed=seed), [samples_per_plan] * plans)

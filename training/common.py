@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ladi_core.generation import pad_embeds
+
 from .config import with_overrides
 
 
@@ -58,8 +60,6 @@ def teacher_forcing(prefixes: list[torch.Tensor], targets: list[list[int]], embe
     (inputs_embeds [B, T, H], attention mask [B, T] bool, labels [B, T]: the target ids, -100 over
     the prefix and the padding). target_embeds: what the decoder reads for a target instead of its
     own embeddings (the writer's chain-of-thought dropout)."""
-    from ladi_core.generation import pad_embeds
-
     if target_embeds is None:
         device = prefixes[0].device
         target_embeds = [embed(torch.tensor(t, dtype=torch.long, device=device)) for t in targets]

@@ -1,7 +1,7 @@
 """Typed configuration for `python -m training.rl`, with the smoke and demo presets.
 
 Every algorithm draws the same number of texts per question (the latent ones: M plans x N texts;
-the token-level ones: G = M x N texts) and share every budget field, so one evaluation judges them on equal terms.
+the token-level ones: G = M x N texts) and shares every budget field, so one evaluation judges them on equal terms.
 """
 from __future__ import annotations
 
