@@ -56,11 +56,14 @@ async def run(a) -> dict:
                 async with client.stream("POST", "/chat/completions", json=body, headers=headers) as r:
                     first = None
                     async for line in r.aiter_lines():
-                        if first is None and line.startswith("data: {") and '"content": "' in line:
+                        if not line.startswith("data: {"):
+                            continue
+                        chunk = json.loads(line[6:])
+                        # time to first token: the first chunk that carries text, not the opening role
+                        texts = [(c.get("delta") or {}).get("content") for c in chunk.get("choices", ())]
+                        if first is None and any(texts):
                             first = time.monotonic() - t0
-                        if line.startswith("data: {") and '"usage"' in line:
-                            usage = json.loads(line[6:]).get("usage") or {}
-                            stats["tokens"] += usage.get("completion_tokens", 0)
+                        stats["tokens"] += (chunk.get("usage") or {}).get("completion_tokens", 0)
                     status = r.status_code
                     if first is not None:
                         stats["ttft"].append(first)

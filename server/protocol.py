@@ -216,6 +216,80 @@ class CompletionResponse(BaseModel):
         return self.model_dump(exclude_none=False, exclude={"pass_at_k"} if self.pass_at_k is None else set())
 
 
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class _ChunkChoice(BaseModel):
+    index: int
+    logprobs: dict[str, Any] | None = None  # a choice's log-probs arrive whole with its last chunk
+    finish_reason: str | None = None
+    plan_index: int | None = None  # LaDi's annotations, on a choice's last chunk
+    score: float | None = None
+    verified: bool | None = None
+
+
+class ChatChunkChoice(_ChunkChoice):
+    delta: ChatDelta
+
+
+class CompletionChunkChoice(_ChunkChoice):
+    text: str = ""
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a stream (both endpoints; `object` says which). Sent with
+    `exclude_unset`: a chunk carries the keys it sets, and `logprobs` / `finish_reason` always."""
+
+    id: str
+    object: Literal["chat.completion.chunk", "text_completion"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice] | list[CompletionChunkChoice]
+    usage: Usage | None = None  # the last chunk, with stream_options.include_usage
+    pass_at_k: PassAtK | None = None  # pass_at_k mode: with a prompt's last choice
+
+    def sse(self) -> str:
+        return f"data: {self.model_dump_json(exclude_unset=True)}\n\n"
+
+
+class ModelInfo(BaseModel):
+    kind: str
+    policy: str | None
+    task: str | None
+    backend: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ladi"
+    ladi: ModelInfo
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CheckpointInfo(BaseModel):
+    path: str
+    kind: str
+    policy: str | None
+    made_by: str | None  # the command that made it (its provenance)
+    commit: str | None
+    metrics: dict[str, Any] | None
+
+
+class VersionInfo(BaseModel):
+    version: str
+    commit: str | None  # the server's own source
+    backend: str
+    checkpoint: CheckpointInfo
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

@@ -1,24 +1,78 @@
 """One validation step: a parsed request becomes a typed plan of work, or an APIError.
 
 Everything a request can get wrong is checked here, once, before anything reaches the engine:
-sampling ranges, the plan/text layout (`modes.layout`), the verifier and whether it may run,
+sampling ranges, the plan/text layout (`layout`), the verifier (`resolve_verifier`) and whether it may run,
 prompt length against the model's context, and the LaDi knobs that only a latent policy has.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ladi_core.backends import SamplingParams
 from ladi_core.generation import Reasoner
-from ladi_core.verifiers import Verifier
+from ladi_core.verifiers import VERIFIERS, Verifier, get_verifier
 from ladi_core.verifiers.code import CodeVerifier
 
-from .config import ServerConfig
+from .config import Limits, ServerConfig
 from .errors import APIError, BadRequest
-from .modes import Layout, layout, resolve_verifier
 from .protocol import ChatCompletionRequest, LadiParams
+
+
+@dataclass(frozen=True)
+class Layout:
+    plans: int  # M latent plans (for a token-level checkpoint: 1)
+    samples_per_plan: int  # N texts per plan
+    choices: int  # n returned
+
+    @property
+    def total(self) -> int:
+        return self.plans * self.samples_per_plan
+
+
+def layout(req: LadiParams, latent: bool, limits: Limits, one_plan: bool = False) -> Layout:
+    """How many plans and texts a request needs; every bound checked here (400 on violation).
+    one_plan: the checkpoint's policy gives each question one plan (its thoughts are deterministic)."""
+    n = req.n
+    if not 1 <= n <= limits.max_n:
+        raise BadRequest(f"n must be between 1 and {limits.max_n}, got {n}", "n")
+    if req.best_of is not None and not 1 <= req.best_of <= limits.max_best_of:
+        raise BadRequest(f"best_of must be between 1 and {limits.max_best_of}, got {req.best_of}", "best_of")
+    for name, value, bound in (("latent_plans", req.latent_plans, limits.max_latent_plans),
+                               ("samples_per_plan", req.samples_per_plan, limits.max_samples_per_plan)):
+        if value is not None and not 1 <= value <= bound:
+            raise BadRequest(f"{name} must be between 1 and {bound}, got {value}", name)
+    if req.mode == "best_of_n":
+        wanted = req.best_of if req.best_of is not None else max(n, 2 * n)
+        if wanted < n:
+            raise BadRequest(f"best_of ({wanted}) must be >= n ({n})", "best_of")
+    else:
+        wanted = n
+    if one_plan and req.latent_plans not in (None, 1):
+        raise BadRequest("this checkpoint's recurrent policy thinks deterministically, so every plan of a question "
+                         "is the same one: leave latent_plans unset (or 1) and ask for n texts", "latent_plans")
+    if not latent or one_plan:
+        total = wanted if req.samples_per_plan is None else max(wanted, req.samples_per_plan)
+        out = Layout(1, total, n)
+    elif req.mode == "pass_at_k":
+        if req.latent_plans is not None and req.latent_plans != n:
+            raise BadRequest("pass_at_k draws k = n candidates from k distinct plans: leave latent_plans "
+                             "unset or equal to n", "latent_plans")
+        out = Layout(n, 1, n)
+    else:
+        spp = req.samples_per_plan
+        plans = req.latent_plans or (wanted if spp is None else math.ceil(wanted / spp))
+        spp = spp or math.ceil(wanted / plans)
+        if plans * spp < wanted:
+            raise BadRequest(f"latent_plans x samples_per_plan = {plans * spp} < the {wanted} candidates needed",
+                             "samples_per_plan")
+        out = Layout(plans, spp, n)
+    if out.total > limits.max_sequences:
+        raise BadRequest(f"this request needs {out.total} sequences; the limit is {limits.max_sequences}",
+                         "latent_plans")
+    return out
 
 
 @dataclass(frozen=True)
@@ -185,3 +239,16 @@ def _prompt_ids(cfg: ServerConfig, reasoner: Reasoner, text: str, max_tokens: in
             raise BadRequest(f"prompt ({len(ids)} tokens) + plan ({plan}) + max_tokens ({max_tokens}) exceeds "
                              f"the model's context of {context}", "max_tokens")
     return ids
+
+
+def resolve_verifier(name: str | None, task: str | None) -> tuple[str, Verifier | None]:
+    """(ranking rule, answer verifier). Rules: a task verifier's name, 'majority', 'likelihood'."""
+    task_verifier = get_verifier(task) if task in VERIFIERS else None
+    if name is None:
+        return "auto", task_verifier
+    if name in ("majority", "likelihood"):
+        return name, task_verifier
+    if name in VERIFIERS:
+        return "verifier", get_verifier(name)
+    raise BadRequest(f"unknown verifier {name!r}: use one of {sorted(VERIFIERS) + ['majority', 'likelihood']}",
+                     "verifier")

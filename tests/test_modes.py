@@ -9,7 +9,8 @@ import pytest
 from ladi_core.backends.base import Decoded
 from ladi_core.generation import Completion
 from ladi_core.verifiers import get_verifier
-from server.modes import Layout, select
+from server.modes import select
+from server.validate import Layout
 
 REF = {"numbers": [2, 3, 4, 5], "target": 23}
 RIGHT = "(2+4)*3+5"  # = 23 with each number once
