@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import load_file, save_file
 
 from .codec import CodecConfig, LatentCodec
@@ -55,12 +55,19 @@ class LadiConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format_version: int
     kind: Literal["latent", "token"]
-    policy_kind: Literal[tuple(POLICY_KINDS)] | None = None  # latent only; None in a file = "diffusion"
+    policy_kind: str | None = None  # latent only, a POLICY_KINDS key; None in a file = "diffusion"
     task: str | None = None
     codec: dict[str, Any] | None = None
     policy: dict[str, Any] | None = None
     sampler: dict[str, Any] | None = None
     provenance: Provenance
+
+    @field_validator("policy_kind")
+    @classmethod
+    def _known_kind(cls, v: str | None) -> str | None:
+        if v is not None and v not in POLICY_KINDS:
+            raise ValueError(f"unknown policy kind {v!r}: this LaDi knows {', '.join(POLICY_KINDS)}")
+        return v
 
 
 def exit_on_user_error(main: Callable[[], Any]) -> Any:
@@ -257,7 +264,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
             problems.append(f"codec hidden_size {codec.cfg.hidden_size} != decoder hidden_size {hidden}")
         if hidden is not None and policy.cfg.hidden_size != hidden:
             problems.append(f"policy hidden_size {policy.cfg.hidden_size} != decoder hidden_size {hidden}")
-        if (codec.cfg.latent_tokens, codec.cfg.latent_dim) != (policy.cfg.latent_tokens, policy.cfg.latent_dim):
+        if (codec.cfg.latent_tokens, codec.cfg.latent_dim) != policy.latent_shape:
             problems.append("codec and policy disagree on the latent shape")
         states = {}
         for name, module in (("codec", codec), ("policy", policy)):

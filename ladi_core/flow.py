@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Literal, get_args
 
 import torch
 
@@ -68,7 +69,8 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, 
     return x_next, gaussian_log_prob(x_next, mean, std), mean, std
 
 
-REPULSION_KERNELS = ("ladir", "rbf")
+Repulsion = Literal["ladir", "rbf"]  # the kernels `repulsion` has
+REPULSION_KERNELS = get_args(Repulsion)
 
 
 def repulsion(x: torch.Tensor, group_size: int | list[int], kernel: str = "ladir") -> torch.Tensor:

@@ -81,7 +81,7 @@ class Reasoner:
         if self.embed_tokens is None:
             raise ValueError(f"backend {backend.name} keeps no embeddings in-process: pass embed_tokens")
         policy = checkpoint.policy
-        if getattr(policy, "needs_decoder", False) and policy.decoder is None:
+        if policy is not None and policy.needs_decoder and policy.decoder is None:
             # a policy that thinks with the decoder: the backend's own module, or (vLLM keeps its
             # weights in its engine) a torch copy of the same weights
             thinker = backend.trainable_decoder() or load_decoder(checkpoint.decoder_dir)[0]
@@ -109,7 +109,7 @@ class Reasoner:
     def distinct_plans(self) -> bool:
         """Whether a question's plans differ from one another. False for a token-level checkpoint and
         for a deterministic thinker (the recurrent policy), which gets one plan and many texts."""
-        return self.is_latent and not getattr(self.checkpoint.policy, "deterministic", False)
+        return self.is_latent and not self.checkpoint.policy.deterministic
 
     def without_plans(self) -> Reasoner:
         """The same decoder on the same backend, prompted with no plan: the decoder's own

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from ladi_core.backends.vllm import add_option_arguments, options_from_arguments
+from ladi_core.backends.vllm_options import add_option_arguments, options_from_arguments
 from ladi_core.checkpoint import CheckpointError, exit_on_user_error, read_config
 
 from .config import Limits, ServerConfig

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from ladi_core.backends.vllm import VLLMOptions  # a dataclass; vllm itself is imported only to build an engine
+from ladi_core.backends.vllm_options import VLLMOptions
 
 
 class Limits(BaseModel):

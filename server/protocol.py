@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ladi_core.flow import Repulsion
+
 Mode = Literal["sample", "best_of_n", "pass_at_k"]
 
 
@@ -80,7 +82,7 @@ class LadiParams(BaseModel):
     denoising_steps: int | None = None
     guidance_scale: float | None = None
     diversity: float | None = None
-    repulsion: Literal["ladir", "rbf"] | None = None  # the diversity guidance's kernel (flow.repulsion)
+    repulsion: Repulsion | None = None  # the diversity guidance's kernel (flow.repulsion)
     mode: Mode = "sample"
     best_of: int | None = None
     verifier: str | None = None

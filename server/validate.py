@@ -13,6 +13,7 @@ from typing import Any
 
 from ladi_core.backends import SamplingParams
 from ladi_core.generation import Reasoner
+from ladi_core.policies import POLICY_KINDS
 from ladi_core.verifiers import VERIFIERS, Verifier, get_verifier
 from ladi_core.verifiers.code import CodeVerifier
 
@@ -93,9 +94,8 @@ def plan_request(cfg: ServerConfig, reasoner: Reasoner, req: LadiParams, model_n
     if req.model not in (None, model_name):
         raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
                        "not_found_error", "model", "model_not_found")
-    params, overrides = _sampling(cfg, req)
-    params = _shaping(req, params, reasoner)
-    overrides = _policy_overrides(reasoner, req, overrides)
+    params = _shaping(req, _sampling(cfg, req), reasoner)
+    overrides = _policy_overrides(cfg, reasoner, req)
     lay = layout(req, reasoner.is_latent, cfg.limits, one_plan=reasoner.is_latent and not reasoner.distinct_plans)
     rule, verifier = resolve_verifier(req.verifier, reasoner.checkpoint.config.task)
     if req.mode == "best_of_n" and rule == "majority" and verifier is None:
@@ -112,7 +112,7 @@ def plan_request(cfg: ServerConfig, reasoner: Reasoner, req: LadiParams, model_n
     return WorkPlan(params, overrides, lay, rule, verifier, req.reference, prompts, req.logprob_count() is not None)
 
 
-def _sampling(cfg: ServerConfig, req: LadiParams) -> tuple[SamplingParams, dict]:
+def _sampling(cfg: ServerConfig, req: LadiParams) -> SamplingParams:
     lim = cfg.limits
     if not 0.0 <= req.temperature <= 2.0:
         raise BadRequest("temperature must be between 0 and 2", "temperature")
@@ -134,13 +134,10 @@ def _sampling(cfg: ServerConfig, req: LadiParams) -> tuple[SamplingParams, dict]
         raise BadRequest("guidance_scale must be between 0 and 20", "guidance_scale")
     if req.diversity is not None and not 0.0 <= req.diversity <= 10.0:
         raise BadRequest("diversity must be between 0 and 10", "diversity")
-    steps = req.denoising_steps or cfg.denoising_steps
-    overrides = {k: v for k, v in (("steps", steps), ("guidance", req.guidance_scale),
-                                   ("diversity", req.diversity), ("repulsion", req.repulsion)) if v is not None}
     # token log-probs only where they rank candidates: computing them costs vLLM ~20% throughput
     params = SamplingParams(req.temperature, req.top_p, max_tokens, req.seed, tuple(stop),
                             logprobs=req.mode == "best_of_n", min_tokens=req.min_tokens)
-    return params, overrides
+    return params
 
 
 MAX_TOP_LOGPROBS = 20  # vLLM's default max_logprobs
@@ -197,22 +194,26 @@ def _shaping(req: LadiParams, params: SamplingParams, reasoner: Reasoner) -> Sam
 
 _REQUEST_FIELD = {"json_schema": "response_format"}  # SamplingParams field -> the request's parameter
 
-# request field -> the plan policy's sampler setting it overrides
-_SAMPLER_FIELDS = {"denoising_steps": "steps", "guidance_scale": "guidance", "diversity": "diversity",
-                   "repulsion": "repulsion"}
-
-
-def _policy_overrides(reasoner: Reasoner, req: LadiParams, overrides: dict) -> dict:
-    """Sampler knobs the checkpoint's plan policy has; a requested one it lacks is a 400 (an
-    assistant policy does not denoise, a token-level checkpoint has no plans). The server's own
-    default steps apply only where the policy denoises."""
+def _policy_overrides(cfg: ServerConfig, reasoner: Reasoner, req: LadiParams) -> dict:
+    """The plan policy's sampler settings this request sets, as the policy declares them
+    (`LatentPolicy.request_fields`); a LaDi sampler parameter the served policy does not take is a
+    400 (an assistant policy does not denoise, a token-level checkpoint has no plans). The server's
+    own default steps apply only where the policy has steps."""
     policy = reasoner.checkpoint.policy
-    accepted = policy.overrides if policy is not None else frozenset()
+    takes = policy.request_fields if policy is not None else {}
     what = f"the {policy.kind} policy" if policy is not None else "a token-level checkpoint (it has no latent plans)"
-    for field, setting in _SAMPLER_FIELDS.items():
-        if getattr(req, field) is not None and setting not in accepted:
+    for field in sampler_parameters():
+        if getattr(req, field, None) is not None and field not in takes:
             raise BadRequest(f"{field} does not apply to {what} this server serves", field)
-    return {k: v for k, v in overrides.items() if k in accepted}
+    out = {setting: getattr(req, field) for field, setting in takes.items() if getattr(req, field) is not None}
+    if policy is not None and "steps" in policy.overrides and cfg.denoising_steps is not None:
+        out.setdefault("steps", cfg.denoising_steps)
+    return out
+
+
+def sampler_parameters() -> set[str]:
+    """Every request parameter some registered policy kind reads as a sampler setting."""
+    return {field for cls, _, _ in POLICY_KINDS.values() for field in cls.request_fields}
 
 
 def _prompt_texts(reasoner: Reasoner, req: LadiParams) -> list[str]:

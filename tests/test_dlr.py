@@ -50,7 +50,7 @@ def test_the_plan_log_probability_is_the_gaussian_density():
     z = s.latents.double()
     by_hand = (-((z - mean) ** 2) / (2 * std**2) - torch.log(std * math.sqrt(2 * math.pi))).flatten(1).sum(-1)
     torch.testing.assert_close(s.log_probs[:, 0].double(), by_hand, rtol=1e-5, atol=1e-5)
-    lp, _ = p.rescore(s, c, m)  # re-scoring the stored plans under the same weights gives the same
+    lp = p.rescore(s, c, m).log_probs[:, 0]  # re-scoring the stored plans under the same weights gives the same
     torch.testing.assert_close(lp, s.log_probs[:, 0], rtol=1e-6, atol=1e-5)
 
 
@@ -65,7 +65,7 @@ def test_slots_give_distinct_means_and_the_seed_fixes_the_draw():
     torch.testing.assert_close(means[3], means[0])  # plan 3 reuses slot 0 (4 plans, 3 slots)
     flat = p.sample(c, m, 2, temperature=0.0).latents  # temperature 0: the slot means themselves
     torch.testing.assert_close(flat, p.means(c, m, [2, 2]))
-    with pytest.raises(ValueError, match="does not denoise"):
+    with pytest.raises(ValueError, match=r"takes no steps \(its settings: temperature\)"):
         p.sample(c, m, 2, steps=4)
     p.sample(c, m, 2, steps=None, guidance=None)  # unset settings (training.eval's defaults) are no request
 
@@ -116,14 +116,14 @@ def test_a_dlr_step_raises_the_log_probability_of_the_rewarded_plan():
         plans = p.sample(c, m, 4, generator=torch.Generator().manual_seed(2), sde=True)
     adv = torch.tensor([1.5, -0.5, -0.5, -0.5])
     opt = torch.optim.SGD(p.parameters(), lr=1e-3)
-    logp, _ = p.rescore(plans, c, m)
+    logp = p.rescore(plans, c, m).log_probs[:, 0]
     loss, stats = dlr_loss(logp, plans.log_probs[:, 0], adv, clip=0.2)
     assert stats["clip_frac"] == 0.0
     opt.zero_grad()
     loss.backward()
     opt.step()
     with torch.no_grad():
-        after, _ = p.rescore(plans, c, m)
+        after = p.rescore(plans, c, m).log_probs[:, 0]
     gain = after - plans.log_probs[:, 0]
     assert gain[0] > 0 and gain[0] > gain[1:].max()
 

@@ -11,7 +11,7 @@ from ladi_core.decoder import load_decoder
 from ladi_core.generation import pad_embeds
 from ladi_core.tasks import get_task
 from training import prior_rollout
-from training.sft import Examples
+from training.stage import Examples
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,8 @@ from ladi_core.generation import pad_embeds
 from ladi_core.policies import DiffusionPolicy, DiffusionPolicyConfig, SamplerConfig
 from training import rl
 from training.algos.common import clipped_surrogate, group_advantages, pass_at_k_advantages
-from training.algos.grpo import grpo_loss
-from training.algos.ladi import ladi_loss, rescore, text_advantages
+from training.algos.grpo import GRPOConfig, grpo_loss
+from training.algos.ladi import LadiConfig, ladi_loss, text_advantages
 from training.rl_config import RLConfig
 
 from .live import free_port
@@ -34,18 +33,20 @@ def test_group_advantages_on_hand_made_numbers():
 def test_text_advantages_by_question_and_by_plan():
     # one question, 2 plans x 2 texts: plan 0 wrote two correct texts, plan 1 one of two
     r = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    cfg = RLConfig(text_advantages="question", adv_clip=None)
-    by_question = text_advantages(r, r, 2, cfg)
+    def cfg(**method):  # LaDi-RL's text policy settings, nested in its own config
+        return RLConfig(algo="ladi", adv_clip=None, method=LadiConfig(**method))
+
+    by_question = text_advantages(r, r, 2, cfg(text_advantages="question"))
     assert torch.allclose(by_question, group_advantages(r))  # over all four texts
     assert by_question[0, 0] > 0 and by_question[0, 3] < 0
-    by_plan = text_advantages(r, r, 2, replace(cfg, text_advantages="plan"))
+    by_plan = text_advantages(r, r, 2, cfg(text_advantages="plan"))
     assert torch.equal(by_plan[0, :2], torch.zeros(2))  # plan 0's texts agree: no preference
     assert torch.allclose(by_plan[0, 2:], torch.tensor([1.0, -1.0]), atol=1e-5)
     # W-REINFORCE reads the verifier's correctness, not the (format-weighted) reward
-    w = text_advantages(r + 0.1, r, 2, replace(cfg, advantage="w_reinforce", positive_weight=0.25))
+    w = text_advantages(r + 0.1, r, 2, cfg(advantage="w_reinforce", positive_weight=0.25))
     assert torch.equal(w, torch.tensor([[0.25, 0.25, 0.25, -1.0]]))
     with pytest.raises(ValueError, match="question"):
-        text_advantages(r, r, 2, replace(cfg, text_advantages="text"))
+        cfg(text_advantages="text")
 
 
 def _pass_at_k_by_enumeration(correct: list[int], k: int) -> tuple[float, list[float]]:
@@ -83,7 +84,7 @@ def test_pass_at_k_leaves_wrong_texts_alone_once_the_group_solves_it_at_k():
     with pytest.raises(ValueError, match="group size"):
         pass_at_k_advantages(torch.ones(1, 4), 5)
     with pytest.raises(ValueError, match="pass_k"):
-        RLConfig(advantage="pass_at_k", pass_k=64, plans=4, samples_per_plan=2)
+        RLConfig(algo="grpo", plans=4, samples_per_plan=2, method=GRPOConfig(advantage="pass_at_k", pass_k=64))
 
 
 def test_clipped_surrogate_on_hand_made_numbers():
@@ -150,14 +151,13 @@ def test_first_inner_step_ratio_is_exactly_one_and_gradient_is_the_plain_policy_
     cond, mask = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
     with torch.no_grad():
         plans = p.sample(cond, mask, 4, generator=torch.Generator().manual_seed(0), sde=True, diversity=0.3)
-    c, m = cond.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
-    logp, _, _ = rescore(p, plans, c, m, guidance=1.0, diversity=0.3, noise_level=0.7)
+    logp = p.rescore(plans, cond, mask, guidance=1.0, diversity=0.3, noise_level=0.7).log_probs
     assert torch.equal(logp.detach(), plans.log_probs)  # ratio exactly 1
     adv = group_advantages(torch.randn(3, 4)).flatten()
     loss, stats = ladi_loss(logp, plans.log_probs, adv, clip=1e-4)
     assert stats["clip_frac"] == 0.0
     grads = torch.autograd.grad(loss, list(p.parameters()), allow_unused=True)
-    logp2, _, _ = rescore(p, plans, c, m, guidance=1.0, diversity=0.3, noise_level=0.7)
+    logp2 = p.rescore(plans, cond, mask, guidance=1.0, diversity=0.3, noise_level=0.7).log_probs
     pg = -(adv[:, None] * logp2).mean()
     grads2 = torch.autograd.grad(pg, list(p.parameters()), allow_unused=True)
     for a, b in zip(grads, grads2):
@@ -183,13 +183,13 @@ def test_sampling_and_rescoring_share_one_step_function_with_guidance_and_divers
         plans = p.sample(cond, mask, 3, generator=torch.Generator().manual_seed(0), sde=True, guidance=2.5,
                          diversity=0.3, noise_level=0.5)
     assert (plans.settings.guidance, plans.settings.diversity, plans.settings.noise_level) == (2.5, 0.3, 0.5)
-    c, m = cond.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
-    logp, _, _ = rescore(p, plans, c, m)
+    logp = p.rescore(plans, cond, mask).log_probs
     assert calls == [False] * 5 + [True] * 5  # 5 sampling steps, then 5 re-scored transitions
-    # to float precision, not bit for bit: re-scoring encodes the question context at another batch
-    # size (one row per plan), and some CPUs' kernels round differently per batch shape (~3e-6 relative)
+    # to float precision, not bit for bit: re-scoring runs each step at another batch layout (with
+    # x_next given), and some CPUs' kernels round differently per batch shape (~3e-6 relative)
     torch.testing.assert_close(logp.detach(), plans.log_probs, rtol=1e-5, atol=1e-5)
-    other, _, _ = rescore(p, plans, c, m, guidance=1.0)  # the settings matter: another guidance, other log-probs
+    # the settings matter: another guidance, other log-probs
+    other = p.rescore(plans, cond, mask, guidance=1.0).log_probs
     assert not torch.allclose(other.detach(), plans.log_probs)
 
 
@@ -207,18 +207,17 @@ def test_a_policy_step_raises_the_log_probability_of_a_rewarded_plan(latent_ckpt
     cond, mask = pad_embeds(embeds)
     with torch.no_grad():
         plans = policy.sample(cond, mask, 4, generator=torch.Generator().manual_seed(1), sde=True, steps=4)
-    c, m = cond.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
     adv = torch.tensor([1.5, -0.5, -0.5, -0.5])  # plan 0 was rewarded
     # a small plain-gradient step: the first-order effect is what the objective promises (the late
     # denoising steps have tiny variances, so log-densities are steep and Adam's unit steps overshoot)
     opt = torch.optim.SGD(policy.parameters(), lr=1e-7)
-    logp, _, _ = rescore(policy, plans, c, m, guidance=1.0, diversity=0.0, noise_level=0.7)
+    logp = policy.rescore(plans, cond, mask, guidance=1.0, diversity=0.0, noise_level=0.7).log_probs
     loss, _ = ladi_loss(logp, plans.log_probs, adv, clip=0.2)
     opt.zero_grad()
     loss.backward()
     opt.step()
     with torch.no_grad():
-        after, _, _ = rescore(policy, plans, c, m, guidance=1.0, diversity=0.0, noise_level=0.7)
+        after = policy.rescore(plans, cond, mask, guidance=1.0, diversity=0.0, noise_level=0.7).log_probs
     gain = (after - plans.log_probs).sum(-1)
     assert gain[0] > 0 and gain[0] > gain[1:].max()
 
@@ -422,7 +421,8 @@ def test_each_rl_flag_runs_end_to_end_with_figures_in_range(algo, flags, latent_
     saved = read_config(out).provenance.config
     for flag, value in zip(flags[::2], flags[1::2]):
         key = flag[2:].replace("-", "_")
-        assert str(saved[key]) == value or saved[key] == float(value), (key, saved[key])
+        got = saved[key] if key in saved else saved["method"][key]  # shared, or the method's own
+        assert str(got) == value or got == float(value), (key, got)
 
 
 def load_file_decoder(ckpt):
@@ -437,7 +437,7 @@ def _anchor_ce(ckpt) -> float:
     from ladi_core.decoder import load_decoder
     from ladi_core.tasks import get_task
     from training.algos.ladi import plan_anchor_loss
-    from training.sft import Examples
+    from training.stage import Examples
 
     ck = load_checkpoint(ckpt)
     decoder, tok = load_decoder(ck.decoder_dir)
@@ -473,11 +473,11 @@ def test_a_text_policy_step_raises_the_log_probability_of_the_rewarded_text(algo
     from training.algos import ALGORITHMS
     from training.algos.grpo import token_log_probs
     from training.rewards import default_rewards
-    from training.rl_config import PRESETS
+    from training.rl_config import PRESETS, build_config
     from training.rollout import completion_ids
 
     reasoner = Reasoner.from_checkpoint(request.getfixturevalue(ckpt))
-    cfg = replace(PRESETS["smoke"], algo=algo)
+    cfg = build_config(algo, PRESETS["smoke"], {})
     decoder = reasoner.backend.trainable_decoder()
     method = ALGORITHMS[algo](cfg, reasoner, decoder, get_task("countdown").verifier, default_rewards(0.1))
     qs = get_task("countdown").questions("train", 1, seed=1)

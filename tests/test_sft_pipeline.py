@@ -82,7 +82,7 @@ def test_a_stage_whose_loss_is_not_finite_fails(tmp_path):
 
     from training.common import MetricsLog
     from training.config import PRESETS, StageConfig
-    from training.sft import run_stage
+    from training.stage import run_stage
 
     w = torch.nn.Parameter(torch.ones(1))
     with pytest.raises(RuntimeError, match="loss is nan"):

@@ -28,10 +28,10 @@ from ladi_core.generation import pad_embeds
 from ladi_core.policies import AssistantPolicy, AssistantPolicyConfig, info_nce
 from ladi_core.tasks import get_task
 
-from .common import MetricsLog, checkpoint_stage_config, checkpoint_stage_parser, open_work_dir, pad_batch, set_threads
+from . import stage
+from .common import MetricsLog, pad_batch, set_threads
 from .config import CheckpointStageConfig, StageConfig
 from .prior_rollout import answer_loss
-from .sft import Examples, finish_checkpoint_stage, run_stage
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def warmup_loss(decoder, codec, assistant: AssistantPolicy, prompts: list[list[i
 
 
 def parse_args(argv=None):
-    p = checkpoint_stage_parser("python -m training.assistant_sft", __doc__, PRESETS,
+    p = stage.checkpoint_stage_parser("python -m training.assistant_sft", __doc__, PRESETS,
                                 "a latent checkpoint whose decoder and codec the assistant serves (frozen)")
     p.add_argument("--references", type=int, help="reference solutions per question (each plan takes its best)")
     p.add_argument("--slots", type=int, help="K: distinct plan means per question")
@@ -94,7 +94,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    cfg = checkpoint_stage_config(PRESETS, args, references=args.references)
+    cfg = stage.checkpoint_stage_config(PRESETS, args, references=args.references)
     if args.slots is not None:
         cfg = replace(cfg, assistant=replace(cfg.assistant, slots=args.slots))
     if cfg.references < 1 or cfg.assistant.slots < 1:
@@ -105,7 +105,7 @@ def main(argv=None) -> Path:
     if not ck.is_latent:
         raise SystemExit(f"{init} is a token-level checkpoint: the assistant needs a decoder that reads plans "
                          "(a latent checkpoint's decoder and codec)")
-    work = open_work_dir(out, cfg.to_json(), args.resume)
+    work = stage.open_work_dir(out, cfg.to_json(), args.resume)
     print(f"training.assistant_sft preset={args.preset} init={init}\n{cfg.to_json()}", flush=True)
     command, commit, t0 = command_line("training.assistant_sft", argv), git_commit(), time.time()
 
@@ -119,16 +119,17 @@ def main(argv=None) -> Path:
     torch.manual_seed(cfg.seed)  # the assistant's initial weights
     assistant = AssistantPolicy(replace(cfg.assistant, hidden_size=c.hidden_size, latent_tokens=c.latent_tokens,
                                         latent_dim=c.latent_dim))
-    data = Examples(task, tokenizer)
+    data = stage.Examples(task, tokenizer)
 
     def loss_fn(rng, gen, progress):
         prompts, refs = data.batch_with_references(cfg.stage.batch_size, rng, cfg.references)
         return warmup_loss(decoder, codec, assistant, prompts, refs, cfg, gen)
 
     log = MetricsLog(work / "metrics.jsonl")
-    run_stage("assistant", cfg.stage, {"assistant": assistant}, list(assistant.parameters()), loss_fn, cfg, work, log)
+    stage.run_stage("assistant", cfg.stage, {"assistant": assistant}, list(assistant.parameters()), loss_fn, cfg,
+                    work, log)
     metrics = {"stage": "assistant_sft", "init": str(init), "assistant_sft_s": round(time.time() - t0, 1)}
-    return finish_checkpoint_stage(out, decoder, tokenizer, codec, assistant.eval(), task=task,
+    return stage.finish_checkpoint_stage(out, decoder, tokenizer, codec, assistant.eval(), task=task,
                                    task_name=ck.config.task, cfg=cfg, command=command, commit=commit,
                                    metrics=metrics, log=log)
 

@@ -27,16 +27,9 @@ from ladi_core.generation import pad_embeds
 from ladi_core.policies import RecurrentPolicy, RecurrentPolicyConfig
 from ladi_core.tasks import get_task
 
-from .common import (
-    MetricsLog,
-    checkpoint_stage_config,
-    checkpoint_stage_parser,
-    open_work_dir,
-    set_threads,
-    teacher_forcing,
-)
+from .common import MetricsLog, set_threads, teacher_forcing
 from .config import CheckpointStageConfig, StageConfig
-from .sft import finish_checkpoint_stage, run_stage
+from .stage import checkpoint_stage_config, checkpoint_stage_parser, finish_checkpoint_stage, open_work_dir, run_stage
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,15 @@
 """Small pieces every training entry point uses: batching, schedules, resumable state, logs."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ladi_core.generation import pad_embeds
-
-from .config import with_overrides
 
 
 def set_threads(n: int) -> None:
@@ -92,39 +88,3 @@ def save_state(path: Path, **state) -> None:
 
 def load_state(path: Path) -> dict | None:
     return torch.load(path, weights_only=True) if path.is_file() else None
-
-
-def open_work_dir(out: Path, config_json: str, resume: bool) -> Path:
-    """`<out>.work/`, the resumable state of a supervised run: refused when an earlier run left one
-    and --resume was not passed, or when --resume comes with another configuration than that run's."""
-    work = out.with_name(out.name + ".work")
-    saved = work / "config.json"
-    if work.exists() and not resume:
-        raise SystemExit(f"{work} exists from an earlier run: pass --resume to continue it, or remove it")
-    if resume and saved.is_file() and json.loads(saved.read_text()) != json.loads(config_json):
-        raise SystemExit(f"--resume: the configuration differs from the run in {work}; use the same flags")
-    work.mkdir(parents=True, exist_ok=True)
-    saved.write_text(config_json)
-    return work
-
-
-def checkpoint_stage_parser(prog: str, doc: str, presets: dict, init_help: str) -> argparse.ArgumentParser:
-    """The flags of a supervised stage that turns one checkpoint into another (the writer, the
-    prior's rollout stage); `checkpoint_stage_config` applies them to the chosen preset."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init", required=True, help=init_help)
-    p.add_argument("--out", required=True)
-    p.add_argument("--preset", choices=sorted(presets), default="demo")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=int, help="override the preset's step count")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in <out>.work/")
-    return p
-
-
-def checkpoint_stage_config(presets: dict, args: argparse.Namespace, **extra):
-    """The preset with the stage's flags applied (unset flags leave the preset's values)."""
-    cfg = with_overrides(presets[args.preset], seed=args.seed, threads=args.threads, **extra)
-    if args.steps is not None:
-        cfg = replace(cfg, stage=replace(cfg.stage, steps=args.steps))
-    return cfg

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ladi_core.backends import SamplingParams
 from ladi_core.checkpoint import exit_on_user_error, read_config
 from ladi_core.decoder import load_decoder
+from ladi_core.flow import REPULSION_KERNELS
 from ladi_core.generation import Reasoner, pad_embeds
 from ladi_core.metrics import distinct_correct, maj_at_k, mean_pairwise_distance, pass_at_k
 from ladi_core.seeding import question_seed
@@ -303,7 +304,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float)
     p.add_argument("--diversity", type=float)
-    p.add_argument("--repulsion", choices=["ladir", "rbf"], help="the diversity guidance's kernel (flow.repulsion)")
+    p.add_argument("--repulsion", choices=REPULSION_KERNELS, help="the diversity guidance's kernel (flow.repulsion)")
     p.add_argument("--decoder-only", action="store_true",
                    help="decode from the prompt alone, no plan (a latent checkpoint's decoder as a token-level model)")
     p.add_argument("--seed", type=int, default=1234)

@@ -24,17 +24,16 @@ from ladi_core.decoder import load_decoder
 from ladi_core.generation import pad_embeds
 from ladi_core.tasks import get_task
 
-from .common import (
-    MetricsLog,
+from .common import MetricsLog, pad_batch, set_threads, teacher_forcing
+from .config import CheckpointStageConfig, StageConfig
+from .stage import (
+    Examples,
     checkpoint_stage_config,
     checkpoint_stage_parser,
+    finish_checkpoint_stage,
     open_work_dir,
-    pad_batch,
-    set_threads,
-    teacher_forcing,
+    run_stage,
 )
-from .config import CheckpointStageConfig, StageConfig
-from .sft import Examples, finish_checkpoint_stage, run_stage
 
 
 @dataclass(frozen=True)

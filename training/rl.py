@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ladi_core.backends import SamplingParams
-from ladi_core.backends.vllm import add_option_arguments, options_from_arguments
+from ladi_core.backends.vllm_options import add_option_arguments, options_from_arguments
 from ladi_core.checkpoint import (
     command_line,
     exit_on_user_error,
@@ -36,6 +35,7 @@ from ladi_core.checkpoint import (
     save_checkpoint,
     update_metrics,
 )
+from ladi_core.cli import add_config_arguments, field_comments
 from ladi_core.generation import Reasoner
 from ladi_core.seeding import question_seed
 from ladi_core.tasks import get_task
@@ -44,7 +44,7 @@ from .algos import ALGORITHMS
 from .common import MetricsLog, hash_int, load_state, save_state, set_threads, step_rng
 from .eval import evaluate, summarize
 from .rewards import default_rewards
-from .rl_config import PRESETS, RLConfig
+from .rl_config import PRESETS, SHARED_FIELDS, RLConfig, all_method_configs, build_config
 
 
 class Dist:
@@ -264,44 +264,45 @@ class Trainer:
 
 
 def parse_args(argv=None):
+    """Flags for every RLConfig field and every method's own (`--help` lists them with their
+    comments); a method's flag given with another --algo is refused by `build_config`."""
     p = argparse.ArgumentParser(prog="python -m training.rl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algo", choices=sorted(ALGORITHMS), required=True)
+    p.add_argument("--algo", choices=list(ALGORITHMS), required=True)
     p.add_argument("--init", required=True,
                    help="checkpoint to start from: latent (ladi), an assistant checkpoint (dlr), token-level (grpo), "
                    "a recurrent checkpoint (coconut-grpo, latent-rl)")
     p.add_argument("--out", required=True)
-    p.add_argument("--task", default="countdown")
-    p.add_argument("--verifier")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--rollout-backend", choices=["transformers", "vllm"],
-                   help="who decodes the rollout texts (vllm: a vLLM engine, weights pushed when the decoder trains)")
+    add_config_arguments(p, RLConfig, skip=("algo", "vllm", "method", "eval_k"))
     add_option_arguments(p, RLConfig().vllm)
-    p.add_argument("--threads", type=int)
-    for name in ("steps", "questions_per_step", "plans", "samples_per_plan", "ppo_epochs", "max_new_tokens",
-                 "train_denoising_steps", "save_every", "eval_questions", "value_warmup", "pass_k", "anchor_batch"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int)
-    for name in ("lr", "clip", "kl_beta", "diversity", "guidance", "noise_level", "text_policy_coef", "text_lr",
-                 "grpo_clip", "temperature", "format_weight", "contrastive_weight", "contrastive_tau", "value_lr",
-                 "positive_weight", "anchor_coef"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float)
-    p.add_argument("--loss-norm", choices=["grpo", "dr_grpo"])
-    p.add_argument("--repulsion", choices=["ladir", "rbf"], help="LaDi: the kernel of --diversity's repulsion")
-    p.add_argument("--advantage", choices=["grpo", "pass_at_k", "w_reinforce"],
-                   help="the texts' advantages: group-normalised rewards, the pass@k advantage at --pass-k, "
-                   "or W-REINFORCE (+--positive-weight for a correct text, -1 for a wrong one)")
-    p.add_argument("--text-advantages", choices=["question", "plan"],
-                   help="LaDi's text policy: normalise each text's reward over its question's texts or its plan's")
+    seen = set(SHARED_FIELDS)
+    for cls in all_method_configs():
+        users = " / ".join(name for name, algo in ALGORITHMS.items() if issubclass(algo.Config, cls))
+        group = p.add_argument_group(f"--algo {users}", description=" ".join(cls.__doc__.split()))
+        also = {}  # a field two unrelated methods both have (LaDi's and DLR's clip) says so
+        for name in set(cls.__dataclass_fields__) - seen:
+            has = [a for a, algo in ALGORITHMS.items() if name in algo.Config.__dataclass_fields__]
+            if len(has) > len(users.split(" / ")):
+                also[name] = f"{field_comments(cls).get(name, '')} [--algo {', '.join(has)}]".strip()
+        add_config_arguments(group, cls, skip=tuple(seen), help=also)
+        seen |= set(cls.__dataclass_fields__)
     return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> RLConfig:
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("algo", "init", "out", "preset",
+                                                                             "resume") and not k.startswith("vllm_")}
+    try:
+        return build_config(args.algo, {**PRESETS[args.preset], "vllm": options_from_arguments(args)}, given)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    fields = set(RLConfig.__dataclass_fields__)
-    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    cfg = replace(PRESETS[args.preset], **overrides, vllm=options_from_arguments(args))
+    cfg = config_from_args(args)
     if cfg.rollout_backend == "vllm" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("--rollout-backend vllm runs one engine in one process; under torchrun use "
                          "--rollout-backend transformers")

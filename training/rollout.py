@@ -60,8 +60,8 @@ def score(questions: list[Question], decoded: list[list[Decoded]], per_question:
 @dataclass
 class LatentRollout:
     prompt_embeds: list[torch.Tensor]
-    cond: torch.Tensor  # [Q * M, T, hidden] padded prompt embeddings, one row per plan
-    cond_mask: torch.Tensor
+    cond: torch.Tensor  # [Q, T, hidden] padded prompt embeddings, as the policy sampled from them
+    cond_mask: torch.Tensor  # [Q, T] True = real
     plans: PlanSample  # trajectory [K + 1, Q * M, L, d], log_probs [Q * M, K]
     scored: Scored  # rewards [Q, M * N], plan-major within a question
     utility: torch.Tensor  # [Q, M]
@@ -92,8 +92,8 @@ def latent_rollout(reasoner: Reasoner, questions: list[Question], verifier: Veri
     scored = score(questions, reasoner.decode_rows(rows), m * n, verifier, rewards)
     utility = scored.rewards.view(len(questions), m, n).mean(-1)
     dist = sum(mean_pairwise_distance(sample.latents[i * m:(i + 1) * m]) for i in range(len(questions)))
-    return LatentRollout(embeds, cond.repeat_interleave(m, 0), mask.repeat_interleave(m, 0), sample, scored,
-                         utility, group_advantages(utility, clip=adv_clip), dist / len(questions))
+    return LatentRollout(embeds, cond, mask, sample, scored, utility, group_advantages(utility, clip=adv_clip),
+                         dist / len(questions))
 
 
 @dataclass

@@ -23,9 +23,17 @@ from ladi_core.checkpoint import command_line, exit_on_user_error, git_commit, l
 from ladi_core.decoder import load_decoder
 from ladi_core.tasks import get_task
 
-from .common import MetricsLog, checkpoint_stage_config, checkpoint_stage_parser, open_work_dir, set_threads
+from .common import MetricsLog, set_threads
 from .config import CheckpointStageConfig, StageConfig
-from .sft import Examples, finish_checkpoint_stage, latent_reconstruction_loss, run_stage
+from .stage import (
+    Examples,
+    checkpoint_stage_config,
+    checkpoint_stage_parser,
+    finish_checkpoint_stage,
+    latent_reconstruction_loss,
+    open_work_dir,
+    run_stage,
+)
 
 
 @dataclass(frozen=True)

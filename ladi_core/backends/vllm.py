@@ -11,7 +11,6 @@ policy and the prompt embeddings need it, and a full transformers copy of the de
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
 import itertools
@@ -20,7 +19,6 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -28,31 +26,7 @@ from safetensors import safe_open
 
 from ..decoder import stop_token_ids
 from .base import BackendDead, Decoded, SamplingParams, StepObserver, apply_stop, per_prefix_requests
-
-
-@dataclass(frozen=True)
-class VLLMOptions:
-    """Engine options passed through to vLLM."""
-
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9
-    tensor_parallel_size: int = 1
-    # CPU builds: VLLM_CPU_KVCACHE_SPACE in GiB; None: sized from the model (cpu_kv_cache_gib)
-    cpu_kvcache_space_gib: int | None = None
-    enforce_eager: bool = True
-    max_num_seqs: int | None = None  # the engine's running-sequence cap (its default when None)
-    # None: off on CPU, vLLM's default elsewhere. vLLM-CPU 0.32 kills the engine when a seeded
-    # request's prompt is prefilled in chunks (it rewinds the request's generator, which CPU
-    # generators cannot do); whole-prompt prefill never rewinds.
-    enable_chunked_prefill: bool | None = None
-    # KV-cache block size. Prefix caching shares whole blocks only, so a question's plans (one
-    # engine request each) share their prompt's KV only when the prompt fills a block. None: 32 on
-    # CPU, whose own default of 128 is longer than a typical prompt; vLLM's default elsewhere.
-    block_size: int | None = None
-    # CPU builds: pin the engine-core process beside its worker (see VLLMBackend._pin_engine_core)
-    pin_engine_core: bool = True
-
+from .vllm_options import VLLMOptions
 
 # vLLM-CPU's own running-sequence cap when none is given (the KV estimate below assumes it)
 _CPU_DEFAULT_MAX_NUM_SEQS = 256
@@ -98,27 +72,6 @@ def resolve_options(decoder_dir: str | Path, opts: VLLMOptions) -> tuple[VLLMOpt
         return opts, None
     gib, how = cpu_kv_cache_gib(decoder_dir, opts)
     return dataclasses.replace(opts, cpu_kvcache_space_gib=gib), f"vLLM CPU KV cache: {how}"
-
-
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1")
-
-
-def add_option_arguments(parser: argparse.ArgumentParser, defaults: VLLMOptions | None = None) -> None:
-    """`--vllm-<option>` flags for every VLLMOptions field (the server and training.rl share them)."""
-    defaults = defaults or VLLMOptions()
-    for f in fields(VLLMOptions):
-        kind = {"dtype": str, "gpu_memory_utilization": float, "enforce_eager": _bool,
-                "enable_chunked_prefill": _bool, "pin_engine_core": _bool}.get(f.name, int)
-        default = getattr(defaults, f.name)
-        parser.add_argument(f"--vllm-{f.name.replace('_', '-')}", dest=f"vllm_{f.name}", type=kind, default=default,
-                            help=f"vLLM engine option {f.name} (default {default})")
-
-
-def options_from_arguments(args: argparse.Namespace) -> VLLMOptions:
-    return VLLMOptions(**{f.name: getattr(args, f"vllm_{f.name}") for f in fields(VLLMOptions)})
 
 
 def load_input_embeddings(decoder_dir: str | Path) -> torch.nn.Embedding:

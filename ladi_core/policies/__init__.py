@@ -5,16 +5,23 @@ states); `POLICY_KINDS` is the registry a checkpoint's
 from __future__ import annotations
 
 from .assistant import AssistantPolicy, AssistantPolicyConfig, AssistantSamplerConfig, info_nce
-from .base import LatentPolicy, PlanSample
+from .base import LatentPolicy, PlanSample, Rescored
 from .diffusion import DiffusionPolicy, DiffusionPolicyConfig, SamplerConfig
 from .recurrent import OnePlanError, RecurrentPolicy, RecurrentPolicyConfig, RecurrentSamplerConfig
 
 # kind -> (policy class, its architecture config, its sampler config)
-POLICY_KINDS: dict[str, tuple[type, type, type]] = {
+POLICY_KINDS: dict[str, tuple[type[LatentPolicy], type, type]] = {
     "diffusion": (DiffusionPolicy, DiffusionPolicyConfig, SamplerConfig),
     "assistant": (AssistantPolicy, AssistantPolicyConfig, AssistantSamplerConfig),
     "recurrent": (RecurrentPolicy, RecurrentPolicyConfig, RecurrentSamplerConfig),
 }
+
+
+def register_policy(cls: type[LatentPolicy], cfg_cls: type, sampler_cls: type) -> None:
+    """A new kind, under `cls.kind`: checkpoints naming it load, and every layer serves it."""
+    if not issubclass(cls, LatentPolicy):
+        raise TypeError(f"{cls.__name__} must subclass LatentPolicy")
+    POLICY_KINDS[cls.kind] = (cls, cfg_cls, sampler_cls)
 
 
 def make_policy(kind: str, cfg: dict, sampler: dict) -> LatentPolicy:
@@ -25,6 +32,7 @@ def make_policy(kind: str, cfg: dict, sampler: dict) -> LatentPolicy:
     return cls(cfg_cls(**cfg), sampler_cls(**sampler))
 
 
-__all__ = ["LatentPolicy", "PlanSample", "DiffusionPolicy", "DiffusionPolicyConfig", "SamplerConfig",
-           "AssistantPolicy", "AssistantPolicyConfig", "AssistantSamplerConfig", "info_nce", "POLICY_KINDS",
-           "make_policy", "RecurrentPolicy", "RecurrentPolicyConfig", "RecurrentSamplerConfig", "OnePlanError"]
+__all__ = ["LatentPolicy", "PlanSample", "Rescored", "POLICY_KINDS", "register_policy", "make_policy",
+           "DiffusionPolicy", "DiffusionPolicyConfig", "SamplerConfig", "AssistantPolicy", "AssistantPolicyConfig",
+           "AssistantSamplerConfig", "info_nce", "RecurrentPolicy", "RecurrentPolicyConfig", "RecurrentSamplerConfig",
+           "OnePlanError"]

@@ -11,14 +11,14 @@ so every backend serves them unchanged.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import PlanSample
-from .diffusion import _Block, encode_question
+from .base import LatentPolicy, PlanSample, Rescored
+from .layers import Block, encode_question
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class AssistantSamplerConfig:
     temperature: float = 1.0  # scales the learned std; 0 gives each slot's mean
 
 
-class AssistantPolicy(nn.Module):
+class AssistantPolicy(LatentPolicy):
     kind = "assistant"
     overrides = frozenset(AssistantSamplerConfig.__dataclass_fields__)  # what `sample` accepts
 
@@ -54,11 +54,11 @@ class AssistantPolicy(nn.Module):
         d = cfg.d_model
         self.cond_in = nn.Linear(cfg.hidden_size, d)
         self.cond_pos = nn.Parameter(torch.randn(cfg.max_cond_len, d) * 0.02)
-        self.encoder = nn.ModuleList(_Block(d, cfg.heads, cross=False) for _ in range(cfg.encoder_layers))
+        self.encoder = nn.ModuleList(Block(d, cfg.heads, cross=False) for _ in range(cfg.encoder_layers))
         self.encoder_norm = nn.LayerNorm(d)
         self.queries = nn.Parameter(torch.randn(cfg.latent_tokens, d) * 0.02)
         self.slot_emb = nn.Parameter(torch.randn(cfg.slots, d) * 0.5)  # large: slots start apart
-        self.blocks = nn.ModuleList(_Block(d, cfg.heads, cross=True) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cross=True) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg.latent_dim)
         self.log_std = nn.Parameter(torch.full((cfg.latent_dim,), cfg.init_log_std))
@@ -95,15 +95,8 @@ class AssistantPolicy(nn.Module):
         eps), so a loss on the plans reaches the assistant. sde=True keeps each plan's log-density
         (`log_probs` [rows, 1]) and its mean (`trajectory` [1, rows, L, d_z]) for RL.
         init_noise: eps per plan row (a server draws it from each request's seed)."""
-        counts = [num_plans] * cond.shape[0] if isinstance(num_plans, int) else list(num_plans)
-        if len(counts) != cond.shape[0] or min(counts) < 1:
-            raise ValueError(f"need one plan count >= 1 per question, got {num_plans}")
-        overrides = {k: v for k, v in overrides.items() if v is not None}  # None: the default
-        unknown = set(overrides) - self.overrides
-        if unknown:
-            raise ValueError(f"the assistant policy takes no {', '.join(sorted(unknown))} (it does not denoise); "
-                             f"it takes {', '.join(sorted(self.overrides))}")
-        sc = replace(self.sampler, **overrides)
+        counts = self.plan_counts(cond, num_plans)
+        sc = self.settings(**overrides)
         mean = self.means(cond, cond_mask, counts)
         if init_noise is None:
             init_noise = torch.randn(mean.shape, generator=generator, device=cond.device)
@@ -116,17 +109,12 @@ class AssistantPolicy(nn.Module):
         lp = self.log_prob(z.detach(), mean, sc.temperature)[:, None]
         return PlanSample(z, group, log_probs=lp, trajectory=mean[None], settings=sc)
 
-    def rescore(self, plans: PlanSample, cond: torch.Tensor, cond_mask: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                                 torch.Tensor]:
-        """Log-density [rows] of stored plans under the current weights, and their means (RL)."""
-        counts = [plans.group_size] * cond.shape[0] if isinstance(plans.group_size, int) else list(plans.group_size)
-        mean = self.means(cond, cond_mask, counts)
-        sc = plans.settings or self.sampler
-        return self.log_prob(plans.latents.detach(), mean, sc.temperature), mean
-
-    def prepare_for_serving(self) -> None:
-        """One pass per request, no denoising loop: nothing to trace."""
-        self.eval()
+    def rescore(self, plans: PlanSample, cond: torch.Tensor, cond_mask: torch.Tensor, **overrides) -> Rescored:
+        """Log-density [rows, 1] of stored plans under the current weights, their means and the std."""
+        sc = self.settings(plans.settings, **overrides)
+        mean = self.means(cond, cond_mask, plans.counts(cond.shape[0]))
+        lp = self.log_prob(plans.latents.detach(), mean, sc.temperature)
+        return Rescored(lp[:, None], [mean], [self.std(sc.temperature)])
 
 
 def info_nce(student: torch.Tensor, teacher: torch.Tensor, tau: float = 0.05) -> torch.Tensor:

@@ -10,15 +10,15 @@ hidden question is well defined.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from .. import flow
-from .base import PlanSample
+from .base import LatentPolicy, PlanSample, Rescored
+from .layers import Block, encode_question
 
 
 @dataclass(frozen=True)
@@ -70,60 +70,6 @@ class QuestionContext:
         return QuestionContext(kv, torch.cat([self.mask, other.mask]))
 
 
-class _Block(nn.Module):
-    """Pre-norm transformer block: self-attention, optional cross-attention to a context, MLP."""
-
-    def __init__(self, d: int, heads: int, cross: bool):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.qkv, self.proj = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
-        if cross:
-            self.norm2, self.q, self.kv = nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, 2 * d)
-            self.cross_proj = nn.Linear(d, d)
-        self.norm3 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-
-    @staticmethod
-    def _merge(x: torch.Tensor) -> torch.Tensor:
-        b, h, t, dh = x.shape
-        return x.transpose(1, 2).reshape(b, t, h * dh)
-
-    def memory(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.kv(ctx).chunk(2, -1)
-        return self._heads(k), self._heads(v)
-
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None,
-                memory: tuple[torch.Tensor, torch.Tensor] | None = None,
-                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask / memory_mask: [B, keys] True = visible."""
-        q, k, v = (self._heads(t) for t in self.qkv(self.norm1(h)).chunk(3, -1))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
-        h = h + self.proj(self._merge(a))
-        if memory is not None:
-            q = self._heads(self.q(self.norm2(h)))
-            a = F.scaled_dot_product_attention(q, *memory, attn_mask=memory_mask[:, None, None, :])
-            h = h + self.cross_proj(self._merge(a))
-        return h + self.mlp(self.norm3(h))
-
-
-def encode_question(module: nn.Module, cond: torch.Tensor, cond_mask: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                             torch.Tensor]:
-    """The question encoder every latent policy here shares, over the decoder's prompt embeddings:
-    `module.cond_in` + `cond_pos`, then its `encoder` blocks. Returns (hidden [B, T, d], keep [B, T])."""
-    t = cond_mask.shape[1]
-    if t > module.cfg.max_cond_len:
-        raise ValueError(f"question of {t} tokens exceeds the policy's max_cond_len={module.cfg.max_cond_len}")
-    keep = cond_mask.bool()
-    h = module.cond_in(cond.to(module.cond_pos.dtype)) + module.cond_pos[:t]
-    for blk in module.encoder:
-        h = blk(h, keep)
-    return h, keep
-
-
 class Denoiser(nn.Module):
     def __init__(self, cfg: DiffusionPolicyConfig):
         super().__init__()
@@ -132,13 +78,13 @@ class Denoiser(nn.Module):
         self.cond_in = nn.Linear(cfg.hidden_size, d)
         self.cond_pos = nn.Parameter(torch.randn(cfg.max_cond_len, d) * 0.02)
         self.null = nn.Parameter(torch.randn(1, 1, d) * 0.02)
-        self.encoder = nn.ModuleList(_Block(d, cfg.heads, cross=False) for _ in range(cfg.encoder_layers))
+        self.encoder = nn.ModuleList(Block(d, cfg.heads, cross=False) for _ in range(cfg.encoder_layers))
         self.encoder_norm = nn.LayerNorm(d)
         self.x_in = nn.Linear(cfg.latent_dim, d)
         self.latent_pos = nn.Parameter(torch.randn(cfg.latent_tokens, d) * 0.02)
         self.time_proj = Timesteps(d, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_emb = TimestepEmbedding(d, d)
-        self.blocks = nn.ModuleList(_Block(d, cfg.heads, cross=True) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cross=True) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, cfg.latent_dim)
         nn.init.zeros_(self.out.weight)
@@ -176,9 +122,11 @@ class _ContextArgs(nn.Module):
         return self.denoiser(x, sigma, QuestionContext(kv, mask))
 
 
-class DiffusionPolicy(nn.Module):
+class DiffusionPolicy(LatentPolicy):
     kind = "diffusion"
     overrides = frozenset(SamplerConfig.__dataclass_fields__)  # what `sample` accepts per call
+    request_fields = {"denoising_steps": "steps", "guidance_scale": "guidance", "diversity": "diversity",
+                      "repulsion": "repulsion"}
 
     def __init__(self, cfg: DiffusionPolicyConfig, sampler: SamplerConfig | None = None):
         super().__init__()
@@ -252,10 +200,8 @@ class DiffusionPolicy(nn.Module):
         init_noise: the starting point x_1 per plan row (a server draws it from each request's seed).
         overrides: any SamplerConfig field (steps, guidance, diversity, noise_level, ...).
         """
-        counts = [num_plans] * cond.shape[0] if isinstance(num_plans, int) else list(num_plans)
-        if len(counts) != cond.shape[0] or min(counts) < 1:
-            raise ValueError(f"need one plan count >= 1 per question, got {num_plans}")
-        sc = replace(self.sampler, **{k: v for k, v in overrides.items() if v is not None})
+        counts = self.plan_counts(cond, num_plans)
+        sc = self.settings(**overrides)
         ctx = self.context(cond, cond_mask).repeat(torch.tensor(counts, device=cond.device))
         shape = (sum(counts), self.cfg.latent_tokens, self.cfg.latent_dim)
         if init_noise is None:
@@ -275,6 +221,25 @@ class DiffusionPolicy(nn.Module):
         if not sde:
             return PlanSample(x, group, settings=sc)
         return PlanSample(x, group, torch.stack(logps, 1), torch.stack(traj), sigmas, settings=sc)
+
+    def rescore(self, plans: PlanSample, cond: torch.Tensor, cond_mask: torch.Tensor, **overrides) -> Rescored:
+        """Log-probability of each stored transition: [rows, steps], with each step's mean and std.
+
+        Each transition goes through the sampler's own `step` with the settings that drew the plans
+        (`plans.settings`); `overrides` (guidance, diversity, noise_level) replace them."""
+        sc = self.settings(plans.settings, **overrides)
+        counts = plans.counts(cond.shape[0])
+        ctx = self.context(cond, cond_mask).repeat(torch.tensor(counts, device=cond.device))
+        sig, traj = plans.sigmas, plans.trajectory
+        out = Rescored([], [], [])
+        for k in range(len(sig) - 1):
+            _, lp, mean, std = self.step(traj[k], float(sig[k]), float(sig[k + 1]), ctx, sc, plans.group_size,
+                                         sde=True, x_next=traj[k + 1])
+            out.log_probs.append(lp)
+            out.means.append(mean)
+            out.stds.append(std)
+        out.log_probs = torch.stack(out.log_probs, 1)
+        return out
 
     def step(self, x: torch.Tensor, sigma: float, sigma_next: float, ctx: QuestionContext, sc: SamplerConfig,
              group: int | list[int], *, sde: bool, generator: torch.Generator | None = None,

@@ -17,12 +17,12 @@ predicts whether the answer decoded after the thoughts will be correct.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .base import PlanSample
+from .base import LatentPolicy, PlanSample
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class OnePlanError(ValueError):
     """More than one plan asked of a deterministic thinker."""
 
 
-class RecurrentPolicy(nn.Module):
+class RecurrentPolicy(LatentPolicy):
     kind = "recurrent"
     overrides = frozenset()  # no sampler settings: nothing a request may change
     deterministic = True  # every plan of a question is the same: one plan, many texts
@@ -117,18 +117,9 @@ class RecurrentPolicy(nn.Module):
                **overrides) -> PlanSample:
         """One plan per question (the thoughts); `generator` and `init_noise` are unused (nothing is
         random). More than one plan per question is refused: they would all be the same."""
-        counts = [num_plans] * cond.shape[0] if isinstance(num_plans, int) else list(num_plans)
-        if len(counts) != cond.shape[0] or min(counts) < 1:
-            raise ValueError(f"need one plan count >= 1 per question, got {num_plans}")
+        counts = self.plan_counts(cond, num_plans)
         if max(counts) > 1:
             raise OnePlanError("a recurrent policy's thoughts are deterministic, so every plan of a question would "
                                "be the same: ask for one plan and several texts of it")
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        if overrides:
-            raise ValueError(f"the recurrent policy takes no {', '.join(sorted(overrides))} (its thoughts are the "
-                             "decoder's own hidden states; nothing is sampled)")
-        thoughts = self.think(cond, cond_mask)
-        return PlanSample(thoughts, 1, settings=replace(self.sampler))
-
-    def prepare_for_serving(self) -> None:
-        self.eval()
+        settings = self.settings(**overrides)  # none to set: its thoughts are the decoder's hidden states
+        return PlanSample(self.think(cond, cond_mask), 1, settings=settings)

@@ -1,14 +1,14 @@
 """The interface every RL method implements, so that the trainer's loop (optimiser, logging,
 checkpoints, resume, DDP, evaluation) names no method.
 
-An algorithm owns what is particular to it: which checkpoint kind it starts from, which modules
+An algorithm owns what is particular to it: its settings (`Config`), which checkpoint kind it starts from, which modules
 train and at what learning rate, the frozen reference it regularises towards, how it rolls out a
 batch of questions, and its loss on that rollout.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
@@ -19,8 +19,10 @@ from ladi_core.tasks import Question
 from ladi_core.verifiers import Verifier
 
 from ..rewards import RewardFn
-from ..rl_config import RLConfig
 from ..rollout import Scored
+
+if TYPE_CHECKING:
+    from ..rl_config import RLConfig
 
 
 class Rollout(Protocol):
@@ -39,12 +41,14 @@ class Algorithm(ABC):
     policy_kind: ClassVar[str | None] = None  # latent: the plan policy it trains ("diffusion", ...)
     # latent: how a checkpoint with that policy is made (named when the wrong kind is given)
     made_by: ClassVar[str] = ""
+    Config: ClassVar[type]  # its own settings (a frozen dataclass): RLConfig.method, `self.method`
 
     def __init__(self, cfg: RLConfig, reasoner: Reasoner, decoder: torch.nn.Module, verifier: Verifier,
                  rewards: list[RewardFn]):
         """reasoner: the checkpoint on its training backend; decoder: that backend's in-process
         decoder module (its training handle); rewards: summed per text."""
         self.cfg, self.reasoner, self.decoder = cfg, reasoner, decoder
+        self.method = cfg.method
         self.verifier, self.rewards = verifier, rewards
         self._ref: torch.nn.Module | None = None  # a subclass with a KL term sets its frozen copy
         self.check_init(reasoner.checkpoint)

@@ -18,6 +18,7 @@ then G texts decoded after `[prompt; bot; thoughts; eot]` and scored (correctnes
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,18 @@ from ladi_core.policies import RecurrentPolicy
 
 from ..rollout import TokenRollout, token_rollout
 from .base import Algorithm
-from .grpo import text_policy_loss
+from .common import text_advantages_by
+from .grpo import GRPOConfig, text_policy_loss
+
+
+@dataclass(frozen=True)
+class LatentRLConfig:
+    """Latent RL: the decoder's thoughts climb a value head's score; the head learns by BCE."""
+
+    value_lr: float = 1e-3  # the value head's learning rate; its target is each question's share of correct texts
+    # the first steps train only the value head, on the initial decoder's rollouts, as the paper
+    # pre-trains its critic before the policy term reads it (0: co-trained from the first step)
+    value_warmup: int = 0
 
 
 class _Thinking(Algorithm):
@@ -54,7 +66,11 @@ class _Thinking(Algorithm):
 
     def rollout(self, reasoner, questions, seeds, generator, params) -> TokenRollout:
         return token_rollout(reasoner, questions, self.verifier, group=self.group, params=params, seeds=seeds,
-                             rewards=self.rewards, adv_clip=self.cfg.adv_clip)
+                             rewards=self.rewards, adv_clip=self.cfg.adv_clip, advantages=self.text_advantages())
+
+    def text_advantages(self):
+        """The texts' advantages from their scores, or None for group-normalised rewards."""
+        return None
 
     def prompt_embeds(self, ro: TokenRollout) -> list[torch.Tensor]:
         """The prompts embedded by the decoder being trained (so with gradient)."""
@@ -63,6 +79,10 @@ class _Thinking(Algorithm):
 
 class CoconutGRPO(_Thinking):
     name = "coconut-grpo"
+    Config = GRPOConfig
+
+    def text_advantages(self):
+        return lambda scored: text_advantages_by(self.cfg, scored.rewards, scored.correct)
 
     def __init__(self, cfg, reasoner, decoder, verifier, rewards):
         super().__init__(cfg, reasoner, decoder, verifier, rewards)
@@ -89,12 +109,13 @@ def value_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 class LatentRL(_Thinking):
     name = "latent-rl"
+    Config = LatentRLConfig
 
     def __init__(self, cfg, reasoner, decoder, verifier, rewards):
         super().__init__(cfg, reasoner, decoder, verifier, rewards)
         self.policy.train()
         self._ref = None
-        self._warming = cfg.value_warmup > 0
+        self._warming = self.method.value_warmup > 0
         if cfg.kl_beta:
             ref_policy = copy.deepcopy(self.policy)
             ref_policy.bind(copy.deepcopy(decoder).eval().requires_grad_(False), reasoner.checkpoint.codec)
@@ -102,13 +123,13 @@ class LatentRL(_Thinking):
 
     def param_groups(self):
         return [{"params": list(self.decoder.parameters()), "lr": self.cfg.lr},
-                {"params": list(self.policy.parameters()), "lr": self.cfg.value_lr}]
+                {"params": list(self.policy.parameters()), "lr": self.method.value_lr}]
 
     def trainable_modules(self):
         return {"decoder": self.decoder, "policy": self.policy}
 
     def begin_step(self, step: int) -> None:
-        self._warming = step < self.cfg.value_warmup
+        self._warming = step < self.method.value_warmup
 
     def loss(self, ro: TokenRollout, old):
         with torch.set_grad_enabled(not self._warming):  # warming up: the decoder is left alone

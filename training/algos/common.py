@@ -64,13 +64,14 @@ def w_reinforce_advantages(correct: torch.Tensor, positive_weight: float) -> tor
 
 
 def text_advantages_by(cfg, rewards: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
-    """A group's text advantages (last dim = the group) by `cfg.advantage` (an RLConfig): "grpo"
-    normalises the rewards; "pass_at_k" and "w_reinforce" read the verifier's correctness alone
-    (format rewards, when weighted in, do not count)."""
-    if cfg.advantage == "grpo":
+    """A group's text advantages (last dim = the group) by `cfg.method.advantage` (cfg an RLConfig
+    whose method is a GRPOConfig or one built on it): "grpo" normalises the rewards; "pass_at_k"
+    and "w_reinforce" read the verifier's correctness alone (format rewards, when weighted in, do
+    not count)."""
+    if cfg.method.advantage == "grpo":
         return group_advantages(rewards, clip=cfg.adv_clip)
-    if cfg.advantage == "pass_at_k":
-        return pass_at_k_advantages(correct, cfg.pass_k)
-    if cfg.advantage == "w_reinforce":
-        return w_reinforce_advantages(correct, cfg.positive_weight)
-    raise ValueError(f"unknown advantage {cfg.advantage!r}: use grpo, pass_at_k or w_reinforce")
+    if cfg.method.advantage == "pass_at_k":
+        return pass_at_k_advantages(correct, cfg.method.pass_k)
+    if cfg.method.advantage == "w_reinforce":
+        return w_reinforce_advantages(correct, cfg.method.positive_weight)
+    raise ValueError(f"unknown advantage {cfg.method.advantage!r}: use grpo, pass_at_k or w_reinforce")

@@ -10,6 +10,7 @@ The decoder and codec never change, so a vLLM rollout engine needs no weight pus
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,15 @@ from ladi_core.policies import AssistantPolicy, info_nce
 from ..rollout import LatentRollout, latent_rollout
 from .base import Algorithm
 from .common import clipped_surrogate
+
+
+@dataclass(frozen=True)
+class DLRConfig:
+    """DLR: the clipped Gaussian GRPO on the assistant's plans, plus InfoNCE over a question's slots."""
+
+    clip: float = 0.2  # the per-plan ratio's clip
+    contrastive_weight: float = 0.01  # 0.1 at lr 1e-3 pushed the plans apart and the reward down
+    contrastive_tau: float = 0.05  # InfoNCE's temperature (SoftCoT++'s)
 
 
 def dlr_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float,
@@ -52,6 +62,7 @@ class DLR(Algorithm):
     needs = "latent"
     policy_kind = AssistantPolicy.kind
     made_by = "python -m training.assistant_sft"
+    Config = DLRConfig
 
     def __init__(self, cfg, reasoner, decoder, verifier, rewards):
         super().__init__(cfg, reasoner, decoder, verifier, rewards)
@@ -74,17 +85,18 @@ class DLR(Algorithm):
                               rewards=self.rewards, adv_clip=cfg.adv_clip)
 
     def loss(self, ro: LatentRollout, old):
-        cfg = self.cfg
-        logp, means = self.policy.rescore(ro.plans, ro.cond[::cfg.plans], ro.cond_mask[::cfg.plans])
-        loss, stats = dlr_loss(logp, ro.plans.log_probs[:, 0], ro.advantages.flatten(), cfg.clip)
-        if cfg.contrastive_weight:
+        cfg, hp = self.cfg, self.method
+        now = self.policy.rescore(ro.plans, ro.cond, ro.cond_mask)
+        means = now.means[0]
+        loss, stats = dlr_loss(now.log_probs[:, 0], ro.plans.log_probs[:, 0], ro.advantages.flatten(), hp.clip)
+        if hp.contrastive_weight:
             nce = contrastive_term(means, cfg.plans, self.policy.cfg.slots, self.policy.cfg.dropout,
-                                   cfg.contrastive_tau)
-            loss = loss + cfg.contrastive_weight * nce
+                                   hp.contrastive_tau)
+            loss = loss + hp.contrastive_weight * nce
             stats["info_nce"] = nce.item()
         if self._ref is not None:
             with torch.no_grad():
-                _, ref_means = self._ref.rescore(ro.plans, ro.cond[::cfg.plans], ro.cond_mask[::cfg.plans])
+                ref_means = self._ref.rescore(ro.plans, ro.cond, ro.cond_mask).means[0]
             kl = gaussian_kl(means, ref_means, self.policy.log_std, self._ref.log_std)
             loss = loss + cfg.kl_beta * kl.mean()
             stats["kl_ref"] = kl.mean().item()

@@ -8,6 +8,8 @@ optional k3 KL to a frozen reference decoder, and two loss normalisations:
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -17,6 +19,26 @@ from ..common import teacher_forcing
 from ..rollout import completion_ids, token_rollout
 from .base import Algorithm
 from .common import clipped_surrogate, text_advantages_by
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO on the decoder's texts: token GRPO's, Coconut GRPO's, and LaDi-RL's text policy's."""
+
+    # the texts' advantages: "grpo" normalises each group's rewards; "pass_at_k" is the closed-form
+    # pass@k advantage at pass_k (arXiv 2508.10751); "w_reinforce" gives a correct text
+    # +positive_weight and a wrong one -1 (arXiv 2506.01347)
+    advantage: Literal["grpo", "pass_at_k", "w_reinforce"] = "grpo"
+    pass_k: int = 8  # the k of --advantage pass_at_k
+    positive_weight: float = 0.1  # a correct text's advantage under --advantage w_reinforce
+    grpo_clip: float = 0.2  # the token ratio's clip
+    # the loss's normalisation: per-sequence token mean (grpo) or a constant (dr_grpo)
+    loss_norm: Literal["grpo", "dr_grpo"] = "grpo"
+
+    def check(self, cfg) -> None:
+        group = cfg.plans * cfg.samples_per_plan
+        if self.advantage == "pass_at_k" and not 1 <= self.pass_k <= group:
+            raise ValueError(f"pass_k is {self.pass_k}: it must be in 1..{group} (the texts per question)")
 
 
 def token_log_probs(model, prefixes: list[torch.Tensor], completions: list[list[int]],
@@ -72,7 +94,8 @@ def text_policy_loss(decoder, prefixes: list[torch.Tensor], scored, adv: torch.T
             ref, _ = token_log_probs(reference, prefixes, comps, cfg.temperature)
     # the behaviour policy's log-probs: the first epoch's own, so its ratio is exactly 1
     logp_old = old.setdefault("tokens", logp.detach())
-    return grpo_loss(logp, logp_old, adv.flatten(), mask, cfg.grpo_clip, cfg.loss_norm, cfg.max_new_tokens, ref,
+    m = cfg.method
+    return grpo_loss(logp, logp_old, adv.flatten(), mask, m.grpo_clip, m.loss_norm, cfg.max_new_tokens, ref,
                      cfg.kl_beta)
 
 
@@ -81,6 +104,7 @@ class GRPO(Algorithm):
 
     name = "grpo"
     needs = "token"
+    Config = GRPOConfig
 
     def __init__(self, cfg, reasoner, decoder, verifier, rewards):
         super().__init__(cfg, reasoner, decoder, verifier, rewards)

@@ -2,44 +2,27 @@
 
 One advantage per plan (its decoder-marginalised utility, normalised over the M plans of its
 question) is shared by every denoising step of that plan; each step's ratio is clipped
-(Flow-GRPO). Optional KL to a frozen reference policy: ||mean - mean_ref||^2 / (2 std^2) per step.
+(Flow-GRPO); the transitions are re-scored by the policy's own `rescore`. Optional KL to a frozen
+reference policy: ||mean - mean_ref||^2 / (2 std^2) per step.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from ladi_core.policies import DiffusionPolicy, PlanSample
+from ladi_core.flow import Repulsion
+from ladi_core.policies import DiffusionPolicy
 from ladi_core.tasks import get_task
 
 from ..common import step_rng
 from ..rollout import LatentRollout, latent_rollout
-from ..sft import Examples, latent_reconstruction_loss
+from ..stage import Examples, latent_reconstruction_loss
 from .base import Algorithm
 from .common import clipped_surrogate, text_advantages_by
-from .grpo import text_policy_loss
-
-
-def rescore(policy: DiffusionPolicy, plans: PlanSample, cond: torch.Tensor, mask: torch.Tensor,
-            **overrides) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
-    """Log-probability of each stored transition under `policy`: [rows, steps], plus means and stds.
-
-    Each transition goes through the sampler's own step (`DiffusionPolicy.step`) with the settings
-    that drew the plans (`plans.settings`); `overrides` (guidance, diversity, noise_level) replace them."""
-    sc = replace(plans.settings or policy.sampler, **{k: v for k, v in overrides.items() if v is not None})
-    logps, means, stds = [], [], []
-    sig = plans.sigmas
-    ctx = policy.context(cond, mask)  # once per call: every step attends to the same question
-    for k in range(len(sig) - 1):
-        x = plans.trajectory[k]
-        _, lp, mean, std = policy.step(x, float(sig[k]), float(sig[k + 1]), ctx, sc, plans.group_size, sde=True,
-                                       x_next=plans.trajectory[k + 1])
-        logps.append(lp)
-        means.append(mean)
-        stds.append(std)
-    return torch.stack(logps, 1), means, stds
+from .grpo import GRPOConfig, text_policy_loss
 
 
 def ladi_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float,
@@ -58,13 +41,41 @@ def reference_kl(means: list[torch.Tensor], ref_means: list[torch.Tensor], stds:
     return torch.stack([((m - r) ** 2).flatten(1).sum(-1) / (2 * s * s) for m, r, s in zip(means, ref_means, stds)], 1)
 
 
+@dataclass(frozen=True)
+class LadiConfig(GRPOConfig):
+    """LaDi-RL: Flow-GRPO on the plan policy's denoising steps; with text_policy_coef > 0, GRPO on
+    the decoder's texts given their plans too (the GRPO fields it inherits)."""
+
+    train_denoising_steps: int = 10  # fewer than inference (the checkpoint's sampler.steps)
+    noise_level: float = 0.7  # SDE `a` (Flow-GRPO)
+    clip: float = 0.2  # per-step ratio clip (Flow-GRPO uses 1e-4 on image latents; ours are tiny)
+    guidance: float = 1.0  # the rollouts' classifier-free guidance
+    diversity: float = 0.0  # the rollouts' repulsion between a question's plans
+    repulsion: Repulsion = "ladir"  # the diversity guidance's kernel (flow.repulsion)
+    text_policy_coef: float = 0.0  # add token-level GRPO on the decoder, given each text's plan
+    text_lr: float = 1e-5  # the decoder's learning rate under the text policy
+    # keep the decoder reading its plan while the text policy trains: + anchor_coef x the writer's
+    # loss (a reference solution's CE given [prompt; bot; adapter(z); eot], z from the frozen codec's
+    # posterior of that solution) on anchor_batch training examples a step
+    anchor_coef: float = 0.0
+    anchor_batch: int = 32
+    # the text policy's groups: each text against all M x N texts of its question, or ("plan")
+    # against the N texts of its own plan, so that plan quality is left to the plan policy
+    text_advantages: Literal["question", "plan"] = "question"
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        if self.anchor_coef and self.text_policy_coef <= 0:
+            raise ValueError("anchor_coef keeps a training decoder reading its plan: it needs text_policy_coef > 0")
+
+
 def text_advantages(rewards: torch.Tensor, correct: torch.Tensor, samples_per_plan: int, cfg) -> torch.Tensor:
     """The text policy's advantages. rewards, correct: [questions, plans x texts], a plan's texts
-    consecutive. cfg.text_advantages="question": groups of all a question's texts (a text from a good
-    plan scores high); "plan": the texts of its own plan only (the plan's quality is the plan
+    consecutive. cfg.method.text_advantages="question": groups of all a question's texts (a text
+    from a good plan scores high); "plan": the texts of its own plan only (the plan's quality is the plan
     policy's business, the decoder is credited only for doing better than that plan's other texts).
-    Within a group, `cfg.advantage` decides the values (`text_advantages_by`)."""
-    shape = rewards.shape if cfg.text_advantages == "question" else (-1, samples_per_plan)
+    Within a group, `cfg.method.advantage` decides the values (`text_advantages_by`)."""
+    shape = rewards.shape if cfg.method.text_advantages == "question" else (-1, samples_per_plan)
     return text_advantages_by(cfg, rewards.reshape(shape), correct.reshape(shape)).reshape(rewards.shape)
 
 
@@ -89,6 +100,7 @@ class LadiRL(Algorithm):
     needs = "latent"
     policy_kind = DiffusionPolicy.kind
     made_by = "python -m training.sft"
+    Config = LadiConfig
 
     def __init__(self, cfg, reasoner, decoder, verifier, rewards):
         super().__init__(cfg, reasoner, decoder, verifier, rewards)
@@ -97,11 +109,9 @@ class LadiRL(Algorithm):
         # loss's re-scoring see the same function.
         self.policy = ck.policy.train()
         ck.codec.requires_grad_(False)
-        self.decoder.requires_grad_(cfg.text_policy_coef > 0)
+        self.decoder.requires_grad_(cfg.method.text_policy_coef > 0)
         self._ref = copy.deepcopy(self.policy).eval() if cfg.kl_beta else None
-        if cfg.anchor_coef and cfg.text_policy_coef <= 0:
-            raise SystemExit("--anchor-coef keeps a training decoder reading its plan: it needs --text-policy-coef > 0")
-        self._anchor_data = Examples(get_task(cfg.task), reasoner.tokenizer) if cfg.anchor_coef else None
+        self._anchor_data = Examples(get_task(cfg.task), reasoner.tokenizer) if cfg.method.anchor_coef else None
         self._step = 0
 
     def begin_step(self, step):
@@ -109,40 +119,40 @@ class LadiRL(Algorithm):
 
     def param_groups(self):
         groups = [{"params": list(self.policy.parameters()), "lr": self.cfg.lr}]
-        if self.cfg.text_policy_coef > 0:
-            groups.append({"params": list(self.decoder.parameters()), "lr": self.cfg.text_lr})
+        if self.method.text_policy_coef > 0:
+            groups.append({"params": list(self.decoder.parameters()), "lr": self.method.text_lr})
         return groups
 
     def trainable_modules(self):
         mods = {"policy": self.policy}
-        if self.cfg.text_policy_coef > 0:
+        if self.method.text_policy_coef > 0:
             mods["decoder"] = self.decoder
         return mods
 
     @property
     def decoder_training(self):
-        return "--text-policy-coef > 0" if self.cfg.text_policy_coef > 0 else None
+        return "--text-policy-coef > 0" if self.method.text_policy_coef > 0 else None
 
     def rollout(self, reasoner, questions, seeds, generator, params) -> LatentRollout:
-        cfg = self.cfg
-        sampler = {"steps": cfg.train_denoising_steps, "noise_level": cfg.noise_level, "guidance": cfg.guidance,
-                   "diversity": cfg.diversity, "repulsion": cfg.repulsion}
+        cfg, m = self.cfg, self.method
+        sampler = {"steps": m.train_denoising_steps, "noise_level": m.noise_level, "guidance": m.guidance,
+                   "diversity": m.diversity, "repulsion": m.repulsion}
         return latent_rollout(reasoner, questions, self.verifier, plans=cfg.plans,
                               samples_per_plan=cfg.samples_per_plan, params=params, seeds=seeds, generator=generator,
                               rewards=self.rewards, sampler=sampler, adv_clip=cfg.adv_clip)
 
     def loss(self, ro: LatentRollout, old):
-        cfg = self.cfg
-        sampler = {"guidance": cfg.guidance, "diversity": cfg.diversity, "noise_level": cfg.noise_level,
-                   "repulsion": cfg.repulsion}
-        logp, means, stds = rescore(self.policy, ro.plans, ro.cond, ro.cond_mask, **sampler)
+        cfg, hp = self.cfg, self.method
+        sampler = {"guidance": hp.guidance, "diversity": hp.diversity, "noise_level": hp.noise_level,
+                   "repulsion": hp.repulsion}
+        now = self.policy.rescore(ro.plans, ro.cond, ro.cond_mask, **sampler)
         kl = None
         if self._ref is not None:
             with torch.no_grad():
-                _, ref_means, _ = rescore(self._ref, ro.plans, ro.cond, ro.cond_mask, **sampler)
-            kl = reference_kl(means, ref_means, stds)
-        loss, stats = ladi_loss(logp, ro.plans.log_probs, ro.advantages.flatten(), cfg.clip, kl, cfg.kl_beta)
-        if cfg.text_policy_coef > 0:
+                ref = self._ref.rescore(ro.plans, ro.cond, ro.cond_mask, **sampler)
+            kl = reference_kl(now.means, ref.means, now.stds)
+        loss, stats = ladi_loss(now.log_probs, ro.plans.log_probs, ro.advantages.flatten(), hp.clip, kl, cfg.kl_beta)
+        if hp.text_policy_coef > 0:
             m, n = cfg.plans, cfg.samples_per_plan
             rows = torch.arange(len(ro.prompt_embeds) * m).repeat_interleave(n)  # (question, plan) per text
             with torch.no_grad():  # the decoder trains here, not the plans
@@ -152,11 +162,11 @@ class LadiRL(Algorithm):
             adv = text_advantages(ro.scored.rewards.view(q, m * n), ro.scored.correct.view(q, m * n), n, cfg)
             text_loss, _ = text_policy_loss(self.decoder, prefixes, ro.scored, adv, old, cfg,
                                             self.reasoner.tokenizer.eos_token_id)
-            loss = loss + cfg.text_policy_coef * text_loss
+            loss = loss + hp.text_policy_coef * text_loss
             stats["text_loss"] = text_loss.item()
-        if cfg.anchor_coef:
+        if hp.anchor_coef:
             anchor, stats["anchor_ce"] = plan_anchor_loss(self.decoder, self.reasoner.checkpoint.codec,
-                                                          self._anchor_data, cfg.anchor_batch, cfg.seed, self._step,
+                                                          self._anchor_data, hp.anchor_batch, cfg.seed, self._step,
                                                           self.reasoner.tokenizer.pad_token_id)
-            loss = loss + cfg.anchor_coef * anchor
+            loss = loss + hp.anchor_coef * anchor
         return loss, stats
