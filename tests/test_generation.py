@@ -18,7 +18,7 @@ def test_latent_generation_is_plan_major(latent_reasoner):
     for g in gens:
         assert [c.plan_index for c in g.completions] == [0, 0, 1, 1, 2, 2]
         assert g.plans.shape[0] == 3
-        assert all(c.decoded.num_tokens <= 30 for c in g.completions)
+        assert all(len(c.decoded.token_ids) <= 30 for c in g.completions)
     assert not torch.equal(gens[0].plans[0], gens[0].plans[1])  # distinct plans
 
 

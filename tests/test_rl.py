@@ -17,7 +17,7 @@ from ladi_core.policies import DiffusionPolicy, DiffusionPolicyConfig, SamplerCo
 from training import rl
 from training.algos.common import clipped_surrogate, group_advantages, pass_at_k_advantages
 from training.algos.grpo import GRPOConfig, grpo_loss
-from training.algos.ladi import LadiConfig, ladi_loss, text_advantages
+from training.algos.ladi import LadiConfig, ladi_loss, plan_advantages, text_advantages
 from training.rl_config import RLConfig
 
 from .live import free_port
@@ -47,6 +47,26 @@ def test_text_advantages_by_question_and_by_plan():
     assert torch.equal(w, torch.tensor([[0.25, 0.25, 0.25, -1.0]]))
     with pytest.raises(ValueError, match="question"):
         cfg(text_advantages="text")
+
+
+def test_plan_advantages_by_utility_and_by_pass_at_k():
+    # one question, 4 plans x 2 texts: plans 0 and 1 each solved it once, plans 2 and 3 never
+    correct = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    utility = correct.view(1, 4, 2).mean(-1)
+
+    def cfg(**method):
+        return RLConfig(algo="ladi", plans=4, samples_per_plan=2, adv_clip=None, method=LadiConfig(**method))
+
+    assert torch.allclose(plan_advantages(utility, correct, 2, cfg()), group_advantages(utility))
+    by_pass = plan_advantages(utility, correct, 2, cfg(plan_advantage="pass_at_k", plan_pass_k=2))
+    assert torch.allclose(by_pass, pass_at_k_advantages(torch.tensor([[1.0, 1.0, 0.0, 0.0]]), 2))
+    assert by_pass[0, 0] > 0 and by_pass[0, 2] < 0 and by_pass[0, 0] == by_pass[0, 1]
+    # 3 of 4 plans solved it: every pair of plans holds a solver, so no plan is pushed anywhere
+    three = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
+    assert torch.equal(plan_advantages(three.view(1, 4, 2).mean(-1), three, 2,
+                                       cfg(plan_advantage="pass_at_k", plan_pass_k=2)), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="plan_pass_k"):
+        cfg(plan_advantage="pass_at_k", plan_pass_k=5)
 
 
 def _pass_at_k_by_enumeration(correct: list[int], k: int) -> tuple[float, list[float]]:

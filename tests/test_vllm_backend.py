@@ -117,7 +117,7 @@ def test_the_reasoner_generates_plans_and_texts_through_vllm(vllm_reasoner):
     for c in g.completions:  # the text is the decoded ids, and the finish reason agrees with them
         assert c.text == tok.decode(c.decoded.token_ids, skip_special_tokens=True)
         assert c.decoded.finish_reason in ("stop", "length")
-        assert (c.decoded.finish_reason == "length") == (c.decoded.num_tokens == 48)
+        assert (c.decoded.finish_reason == "length") == (len(c.decoded.token_ids) == 48)
 
 
 @pytest.mark.slow

@@ -74,10 +74,6 @@ class Decoded:
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
     def mean_logprob(self) -> float | None:
         return None if self.logprob is None else self.logprob / max(1, len(self.token_ids))
 

@@ -21,7 +21,7 @@ from ..common import step_rng
 from ..rollout import LatentRollout, latent_rollout
 from ..stage import Examples, latent_reconstruction_loss
 from .base import Algorithm
-from .common import clipped_surrogate, text_advantages_by
+from .common import clipped_surrogate, group_advantages, pass_at_k_advantages, text_advantages_by
 from .grpo import GRPOConfig, text_policy_loss
 
 
@@ -62,9 +62,18 @@ class LadiConfig(GRPOConfig):
     # the text policy's groups: each text against all M x N texts of its question, or ("plan")
     # against the N texts of its own plan, so that plan quality is left to the plan policy
     text_advantages: Literal["question", "plan"] = "question"
+    # the plans' advantages: "grpo" normalises each question's plan utilities (the mean reward of a
+    # plan's texts); "pass_at_k" is the closed-form pass@k advantage at plan_pass_k over the
+    # question's M plans, a plan counting as correct when any of its N texts is (a plan that adds a
+    # solution no other plan found gains; one more plan on an answer already found gains nothing)
+    plan_advantage: Literal["grpo", "pass_at_k"] = "grpo"
+    plan_pass_k: int = 4
 
     def check(self, cfg) -> None:
         super().check(cfg)
+        if self.plan_advantage == "pass_at_k" and not 1 <= self.plan_pass_k <= cfg.plans:
+            raise ValueError(f"plan_pass_k is {self.plan_pass_k}: it must be in 1..{cfg.plans} (the plans per "
+                             "question)")
         if self.anchor_coef and self.text_policy_coef <= 0:
             raise ValueError("anchor_coef keeps a training decoder reading its plan: it needs text_policy_coef > 0")
 
@@ -77,6 +86,17 @@ def text_advantages(rewards: torch.Tensor, correct: torch.Tensor, samples_per_pl
     Within a group, `cfg.method.advantage` decides the values (`text_advantages_by`)."""
     shape = rewards.shape if cfg.method.text_advantages == "question" else (-1, samples_per_plan)
     return text_advantages_by(cfg, rewards.reshape(shape), correct.reshape(shape)).reshape(rewards.shape)
+
+
+def plan_advantages(utility: torch.Tensor, correct: torch.Tensor, samples_per_plan: int, cfg) -> torch.Tensor:
+    """The plan policy's advantages [questions, plans] by `cfg.method.plan_advantage`: utilities
+    (the mean reward of each plan's texts) normalised over the question's plans, or the pass@k
+    advantage of plans that solved the question (any of their texts correct: `correct` is
+    [questions, plans x texts], a plan's texts consecutive)."""
+    if cfg.method.plan_advantage == "grpo":
+        return group_advantages(utility, clip=cfg.adv_clip)
+    solved = correct.reshape(utility.shape[0], -1, samples_per_plan).amax(-1)
+    return pass_at_k_advantages(solved, cfg.method.plan_pass_k)
 
 
 def plan_anchor_loss(decoder, codec, data: Examples, batch: int, seed: int, step: int,
@@ -137,9 +157,11 @@ class LadiRL(Algorithm):
         cfg, m = self.cfg, self.method
         sampler = {"steps": m.train_denoising_steps, "noise_level": m.noise_level, "guidance": m.guidance,
                    "diversity": m.diversity, "repulsion": m.repulsion}
-        return latent_rollout(reasoner, questions, self.verifier, plans=cfg.plans,
-                              samples_per_plan=cfg.samples_per_plan, params=params, seeds=seeds, generator=generator,
-                              rewards=self.rewards, sampler=sampler, adv_clip=cfg.adv_clip)
+        ro = latent_rollout(reasoner, questions, self.verifier, plans=cfg.plans, samples_per_plan=cfg.samples_per_plan,
+                            params=params, seeds=seeds, generator=generator, rewards=self.rewards, sampler=sampler,
+                            adv_clip=cfg.adv_clip)
+        ro.advantages = plan_advantages(ro.utility, ro.scored.correct, cfg.samples_per_plan, cfg)
+        return ro
 
     def loss(self, ro: LatentRollout, old):
         cfg, hp = self.cfg, self.method
