@@ -279,21 +279,25 @@ def parse_args(argv=None):
     add_option_arguments(p, RLConfig().vllm)
     seen = set(SHARED_FIELDS)
     for cls in all_method_configs():
-        users = " / ".join(name for name, algo in ALGORITHMS.items() if issubclass(algo.Config, cls))
-        group = p.add_argument_group(f"--algo {users}", description=" ".join(cls.__doc__.split()))
+        users = [name for name, algo in ALGORITHMS.items() if issubclass(algo.Config, cls)]
+        group = p.add_argument_group(f"--algo {' / '.join(users)}", description=" ".join(cls.__doc__.split()))
         also = {}  # a field two unrelated methods both have (LaDi's and DLR's clip) says so
         for name in set(cls.__dataclass_fields__) - seen:
             has = [a for a, algo in ALGORITHMS.items() if name in algo.Config.__dataclass_fields__]
-            if len(has) > len(users.split(" / ")):
+            if set(has) - set(users):
                 also[name] = f"{field_comments(cls).get(name, '')} [--algo {', '.join(has)}]".strip()
         add_config_arguments(group, cls, skip=tuple(seen), help=also)
         seen |= set(cls.__dataclass_fields__)
     return p.parse_args(argv)
 
 
+RUN_FLAGS = ("algo", "init", "out", "preset", "resume")  # what the run is, not how it trains
+
+
 def config_from_args(args: argparse.Namespace) -> RLConfig:
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("algo", "init", "out", "preset",
-                                                                             "resume") and not k.startswith("vllm_")}
+    """The preset, with the config fields given on the command line (and the --vllm-* options)."""
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in RUN_FLAGS and not k.startswith("vllm_")}
     try:
         return build_config(args.algo, {**PRESETS[args.preset], "vllm": options_from_arguments(args)}, given)
     except ValueError as err:

@@ -26,7 +26,7 @@ from .common import clipped_surrogate
 class DLRConfig:
     """DLR: the clipped Gaussian GRPO on the assistant's plans, plus InfoNCE over a question's slots."""
 
-    clip: float = 0.2  # the per-plan ratio's clip
+    clip: float = 0.2  # the policy ratio's clip (DLR: per plan; LaDi-RL: per denoising step)
     contrastive_weight: float = 0.01  # 0.1 at lr 1e-3 pushed the plans apart and the reward down
     contrastive_tau: float = 0.05  # InfoNCE's temperature (SoftCoT++'s)
 
