@@ -78,8 +78,10 @@ class LatentRollout:
 def latent_rollout(reasoner: Reasoner, questions: list[Question], verifier: Verifier, *, plans: int,
                    samples_per_plan: int, params: SamplingParams, seeds: list[int], generator: torch.Generator,
                    rewards: list[RewardFn], sampler: dict | None = None, adv_clip: float | None = None,
-                   ) -> LatentRollout:
-    """sampler: the plan policy's sampling overrides (a diffusion policy's steps, noise level, ...)."""
+                   advantages: Callable[[torch.Tensor, Scored], torch.Tensor] | None = None) -> LatentRollout:
+    """sampler: the plan policy's sampling overrides (a diffusion policy's steps, noise level, ...).
+    advantages: the method's own plan advantages from the utilities [Q, M] and the scored texts
+    (default: the utilities normalised over each question's plans, clipped at adv_clip)."""
     m, n = plans, samples_per_plan
     embeds = reasoner.prompt_embeds(reasoner.prompt_ids([q.prompt for q in questions]))
     cond, mask = pad_embeds(embeds)
@@ -92,8 +94,8 @@ def latent_rollout(reasoner: Reasoner, questions: list[Question], verifier: Veri
     scored = score(questions, reasoner.decode_rows(rows), m * n, verifier, rewards)
     utility = scored.rewards.view(len(questions), m, n).mean(-1)
     dist = sum(mean_pairwise_distance(sample.latents[i * m:(i + 1) * m]) for i in range(len(questions)))
-    return LatentRollout(embeds, cond, mask, sample, scored, utility, group_advantages(utility, clip=adv_clip),
-                         dist / len(questions))
+    adv = advantages(utility, scored) if advantages is not None else group_advantages(utility, clip=adv_clip)
+    return LatentRollout(embeds, cond, mask, sample, scored, utility, adv, dist / len(questions))
 
 
 @dataclass

@@ -112,7 +112,7 @@ class AssistantPolicy(LatentPolicy):
     def rescore(self, plans: PlanSample, cond: torch.Tensor, cond_mask: torch.Tensor, **overrides) -> Rescored:
         """Log-density [rows, 1] of stored plans under the current weights, their means and the std."""
         sc = self.settings(plans.settings, **overrides)
-        mean = self.means(cond, cond_mask, plans.counts(cond.shape[0]))
+        mean = self.means(cond, cond_mask, self.plan_counts(cond, plans.group_size))
         lp = self.log_prob(plans.latents.detach(), mean, sc.temperature)
         return Rescored(lp[:, None], [mean], [self.std(sc.temperature)])
 

@@ -24,9 +24,6 @@ class PlanSample:
     sigmas: torch.Tensor | None = None  # [steps + 1]
     settings: Any = None  # the sampler settings that produced it (the policy's own config type)
 
-    def counts(self, questions: int) -> list[int]:
-        return [self.group_size] * questions if isinstance(self.group_size, int) else list(self.group_size)
-
 
 @dataclass
 class Rescored:

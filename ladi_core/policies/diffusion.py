@@ -228,18 +228,17 @@ class DiffusionPolicy(LatentPolicy):
         Each transition goes through the sampler's own `step` with the settings that drew the plans
         (`plans.settings`); `overrides` (guidance, diversity, noise_level) replace them."""
         sc = self.settings(plans.settings, **overrides)
-        counts = plans.counts(cond.shape[0])
+        counts = self.plan_counts(cond, plans.group_size)
         ctx = self.context(cond, cond_mask).repeat(torch.tensor(counts, device=cond.device))
         sig, traj = plans.sigmas, plans.trajectory
-        out = Rescored([], [], [])
+        logps, means, stds = [], [], []
         for k in range(len(sig) - 1):
             _, lp, mean, std = self.step(traj[k], float(sig[k]), float(sig[k + 1]), ctx, sc, plans.group_size,
                                          sde=True, x_next=traj[k + 1])
-            out.log_probs.append(lp)
-            out.means.append(mean)
-            out.stds.append(std)
-        out.log_probs = torch.stack(out.log_probs, 1)
-        return out
+            logps.append(lp)
+            means.append(mean)
+            stds.append(std)
+        return Rescored(torch.stack(logps, 1), means, stds)
 
     def step(self, x: torch.Tensor, sigma: float, sigma_next: float, ctx: QuestionContext, sc: SamplerConfig,
              group: int | list[int], *, sde: bool, generator: torch.Generator | None = None,

@@ -157,11 +157,10 @@ class LadiRL(Algorithm):
         cfg, m = self.cfg, self.method
         sampler = {"steps": m.train_denoising_steps, "noise_level": m.noise_level, "guidance": m.guidance,
                    "diversity": m.diversity, "repulsion": m.repulsion}
-        ro = latent_rollout(reasoner, questions, self.verifier, plans=cfg.plans, samples_per_plan=cfg.samples_per_plan,
-                            params=params, seeds=seeds, generator=generator, rewards=self.rewards, sampler=sampler,
-                            adv_clip=cfg.adv_clip)
-        ro.advantages = plan_advantages(ro.utility, ro.scored.correct, cfg.samples_per_plan, cfg)
-        return ro
+        return latent_rollout(reasoner, questions, self.verifier, plans=cfg.plans,
+                              samples_per_plan=cfg.samples_per_plan, params=params, seeds=seeds, generator=generator,
+                              rewards=self.rewards, sampler=sampler,
+                              advantages=lambda u, s: plan_advantages(u, s.correct, cfg.samples_per_plan, cfg))
 
     def loss(self, ro: LatentRollout, old):
         cfg, hp = self.cfg, self.method
