@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CHECKPOINT ?= checkpoints/demo-ladi-rl
 
-.PHONY: venv sandbox serve test prometheus soak demo demo-clean bench-backends clean
+.PHONY: venv sandbox serve test prometheus soak demo demo-all demo-clean bench-backends clean
 
 venv: $(STAMP)
 
@@ -38,11 +38,15 @@ test: $(STAMP) prometheus sandbox
 
 # The paper's comparison at small scale, one resumable command: token SFT + the latent codec and
 # prior, the writer and the prior's rollout stage, GRPO from the token checkpoint and LaDi-RL from
-# the latent one (the same rollout budget), then all six on the same 500 held-out questions ->
-# results/rl-demo (training/pipeline.py lists the stages). Rerunning after an
+# the latent one (the same rollout budget), then every shipped checkpoint on the same 500 held-out
+# questions -> results/rl-demo (training/pipeline.py lists the stages). DLR and Coconut rows are
+# evaluated from their shipped checkpoints; `make demo-all` retrains them too. Rerunning after an
 # interruption continues where it stopped; `make demo-clean` forgets finished stages.
 demo: $(STAMP)
 	$(BIN)/python -m training.pipeline
+
+demo-all: $(STAMP)
+	$(BIN)/python -m training.pipeline --all
 
 demo-clean:
 	rm -rf .demo

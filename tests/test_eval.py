@@ -106,6 +106,28 @@ def test_an_interrupted_comparison_reuses_finished_checkpoints(latent_ckpt, toke
     assert "evaluated before" not in capsys.readouterr().out
 
 
+def test_an_intermediate_row_on_fewer_questions_is_that_rows_figures_on_the_first_n(latent_ckpt, token_ckpt,
+                                                                                     tmp_path):
+    """--problems-for NAME=N: the row is the same evaluation on the first N questions of the list (the
+    records match a run with --problems N); the other rows keep all of them; bad specs are refused."""
+    flags = ["--task", "countdown", "--k", "1,2", "--max-tokens", "24", "--diagnostic-questions", "2",
+             "--probe-questions", "2"]
+    both = ev.main(["--checkpoint", str(token_ckpt), "--checkpoint", str(latent_ckpt), "--name", "tok",
+                    "--name", "lat", "--problems", "4", "--problems-for", "lat=2", "--out", str(tmp_path / "a"),
+                    *flags])
+    alone = ev.main(["--checkpoint", str(latent_ckpt), "--name", "lat", "--problems", "2",
+                     "--out", str(tmp_path / "b"), *flags])
+    assert both["tok"]["questions"] == 4 and both["lat"]["questions"] == 2
+    assert both["lat"]["pass@2"] == alone["lat"]["pass@2"] and both["lat"]["pass@1"] == alone["lat"]["pass@1"]
+    rows = [json.loads(x) for x in (tmp_path / "a" / "per_question.jsonl").read_text().splitlines()]
+    assert [r["checkpoint"] for r in rows].count("lat") == 2
+    assert "| lat | 2 |" in (tmp_path / "a" / "table.md").read_text()
+    for bad in ("lat", "lat=0", "nobody=1", "lat=9"):
+        with pytest.raises(SystemExit):
+            ev.main(["--checkpoint", str(latent_ckpt), "--name", "lat", "--problems", "4", "--problems-for", bad,
+                     "--out", str(tmp_path / "c"), *flags])
+
+
 def test_zero_probe_and_diagnostic_questions_skip_them(latent_ckpt, tmp_path):
     res = ev.main(["--checkpoint", str(latent_ckpt), "--task", "countdown", "--problems", "2", "--k", "1,2",
                    "--out", str(tmp_path / "res"), "--max-tokens", "24", "--probe-questions", "0",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.pipeline import STAGES, Stage, run_pipeline
+from training.pipeline import CURVES, FAMILIES, INTERMEDIATE_ROWS, STAGES, Stage, run_pipeline, select
 
 # A stand-in stage command: appends its argv to a log, and fails while a `fail-<stage>` file exists.
 SCRIPT = """
@@ -80,6 +80,32 @@ def test_the_demo_stages_match_what_the_readme_compares():
             "checkpoints/demo-coconut-grpo", "checkpoints/demo-latent-rl"} <= set(compared)
     for st in STAGES:  # every stage reads only stages that come before it
         assert all(names.index(n) < names.index(st.name) for n in st.needs)
+
+
+def test_make_demo_retrains_the_core_comparison_and_reads_the_other_families_from_their_checkpoints(
+        tmp_path, monkeypatch):
+    core = select(STAGES, set())
+    assert [s.name for s in core] == ["sft", "writer", "prior-rollout", "grpo", "ladi-rl", "compare"]
+    assert select(STAGES, set(FAMILIES)) == STAGES
+    assert [s.name for s in select(STAGES, {"dlr"})] == ["sft", "writer", "prior-rollout", "grpo", "ladi-rl",
+                                                         "dlr-sft", "dlr", "compare"]
+    compared = next(s for s in STAGES if s.name == "compare").command
+    for st in STAGES:  # every checkpoint a stage writes is a row of the comparison
+        if st.out and st.name != "sft":
+            assert st.out in compared, st.name
+    for row in INTERMEDIATE_ROWS:  # fewer questions only for rows named intermediate
+        assert f"{row}=100" in compared and row in compared
+    curves = next(s for s in STAGES if s.name == "compare").after[0]
+    for run, ckpt in CURVES.items():  # each RL stage keeps its log where the curves read it
+        stage = next(s for s in STAGES if s.out == ckpt)
+        assert any(f"results/rl-demo/{run}-metrics.jsonl" in cmd for cmd in stage.after)
+        assert f"{run}=results/rl-demo/{run}-metrics.jsonl" in curves
+    with pytest.raises(SystemExit, match="unknown family"):
+        select(STAGES, {"nope"})
+    monkeypatch.chdir(tmp_path)  # no shipped checkpoints here: leaving a family out is refused up front
+    with pytest.raises(SystemExit, match="checkpoints/demo-dlr-sft"):
+        select(STAGES, set())
+    assert select(STAGES, set(FAMILIES)) == STAGES
 
 
 def test_a_changed_command_and_a_rerun_dependency_make_later_stages_run_again(tmp_path):

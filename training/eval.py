@@ -208,9 +208,9 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
 
 
 def markdown_table(results: dict[str, dict], ks: list[int]) -> str:
-    cols = [f"pass@{k}" for k in ks] + [f"maj@{max(ks)}", "distinct_correct", "plan_distance", "plan_texts",
-                                        "reconstruction", "ceiling@1", "prior@1", "noise@1", "format", "tokens",
-                                        "s_per_question", "wall_s"]
+    cols = ["questions", *(f"pass@{k}" for k in ks), f"maj@{max(ks)}", "distinct_correct", "plan_distance",
+            "plan_texts", "reconstruction", "ceiling@1", "prior@1", "noise@1", "format", "tokens", "s_per_question",
+            "wall_s"]
     lines = ["| checkpoint | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, s in results.items():
         cells = []
@@ -223,7 +223,8 @@ def markdown_table(results: dict[str, dict], ks: list[int]) -> str:
     return "\n".join(lines) + "\n\npass@k, maj@k and format in %; distinct_correct = distinct correct solutions per " \
         "question (up to commutativity/associativity); plan_distance = mean pairwise L2 distance of a question's " \
         "latent plans (normalised latent space); plan_texts = distinct greedy texts from 8 plans of one question " \
-        "(1 = the decoder ignores the plan); reconstruction = % of reference reasonings decoded back exactly from " \
+        "(1 = the decoder ignores the plan); questions = held-out questions the row was evaluated on (the " \
+        "first N of the same list); reconstruction = % of reference reasonings decoded back exactly from " \
         "their own latent; ceiling@1 / prior@1 / noise@1 = pass@1 decoding from a reference solution's posterior " \
         "(what a perfect prior would get), from the prior's plans, and from pure-noise plans (the floor); for a " \
         "recurrent (Coconut) checkpoint prior@1 decodes from its own thoughts and noise@1 from another question's " \
@@ -272,9 +273,12 @@ def plot(results: dict[str, dict], ks: list[int], path: Path, title: str) -> Non
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = line_styles(list(results))
+    most = max((r.get("questions") or 0 for r in results.values()), default=0)
     for name, (colour, style, marker) in styles.items():
+        n = results[name].get("questions")
+        label = f"{name} ({n} questions)" if n and n < most else name
         ax.plot(ks, [100 * results[name][f"pass@{k}"] for k in ks], marker=marker, markersize=4, color=colour,
-                linestyle=style, label=name)
+                linestyle=style, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("k")
@@ -295,6 +299,9 @@ def parse_args(argv=None):
     p.add_argument("--task", default="countdown")
     p.add_argument("--verifier", help="for JSONL tasks: math or code")
     p.add_argument("--problems", type=int, default=500)
+    p.add_argument("--problems-for", action="append", default=[], metavar="NAME=N",
+                   help="evaluate row NAME on the first N of the --problems questions only (an intermediate "
+                   "row the comparison does not rest on; repeatable); the table's `questions` column says so")
     p.add_argument("--k", default="1,2,4,8,16,32,64")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--samples-per-plan", type=int, default=1, help="latent checkpoints: N texts per plan")
@@ -319,12 +326,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def part_key(args: argparse.Namespace, ckpt: str) -> str:
+def part_key(args: argparse.Namespace, ckpt: str, problems: int) -> str:
     """What a checkpoint's evaluation depends on: every flag that changes a figure, and the
     checkpoint itself (its ladi.json records how it was made, down to the commit and metrics)."""
-    flags = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "name", "out", "threads")}
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("checkpoint", "name", "out", "threads", "problems_for")}
     made = (Path(ckpt) / "ladi.json").read_text()
-    return hashlib.sha256(json.dumps([flags, made], sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([flags, made, problems], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def row_problems(args: argparse.Namespace, names: list[str]) -> dict[str, int]:
+    """Questions per row: --problems, or fewer where --problems-for NAME=N says so."""
+    rows = dict.fromkeys(names, args.problems)
+    for spec in args.problems_for:
+        name, sep, n = spec.partition("=")
+        if not sep or not n.strip().isdigit() or int(n) < 1:
+            raise SystemExit(f"--problems-for takes NAME=N with N >= 1, got {spec!r}")
+        if name not in rows:
+            raise SystemExit(f"--problems-for {spec!r}: no row named {name!r} (rows: {', '.join(names)})")
+        if int(n) > args.problems:
+            raise SystemExit(f"--problems-for {spec!r}: N is more than --problems ({args.problems})")
+        rows[name] = int(n)
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -336,8 +359,9 @@ def main(argv=None) -> dict:
     names = args.name or [Path(c).name for c in args.checkpoint]
     if len(names) != len(args.checkpoint):
         raise SystemExit("give one --name per --checkpoint")
+    row_n = row_problems(args, names)
     task = get_task(args.task, args.verifier)
-    questions = task.questions("test", args.problems, seed=0)
+    all_questions = task.questions("test", args.problems, seed=0)
     params = SamplingParams(args.temperature, args.top_p, args.max_tokens, args.seed)
     print(json.dumps({**vars(args), "k": ks}, indent=2))
     out = Path(args.out)
@@ -348,7 +372,8 @@ def main(argv=None) -> dict:
     for ckpt in args.checkpoint:
         read_config(ckpt)  # every path is a checkpoint, before the first one's minutes of work
     for name, ckpt in zip(names, args.checkpoint):
-        part = parts / f"{name}-{part_key(args, ckpt)}.json"
+        questions = all_questions[:row_n[name]]
+        part = parts / f"{name}-{part_key(args, ckpt, len(questions))}.json"
         if part.is_file():
             saved = json.loads(part.read_text())
             results[name], per_question[name] = saved["summary"], saved["records"]
@@ -391,8 +416,8 @@ def main(argv=None) -> dict:
         json.dumps({"checkpoint": name, **{k: v for k, v in r.items() if k not in ("correct", "answers")}}) + "\n"
         for name, recs in per_question.items() for r in recs))
     table = markdown_table(results, ks)
-    (out / "table.md").write_text(f"# pass@k on {len(questions)} held-out {args.task} questions\n\n" + table)
-    plot(results, ks, out / "passk.png", f"{args.task}: {len(questions)} held-out questions")
+    (out / "table.md").write_text(f"# pass@k on {args.problems} held-out {args.task} questions\n\n" + table)
+    plot(results, ks, out / "passk.png", f"{args.task}: {args.problems} held-out questions")
     print(table)
     return results
 

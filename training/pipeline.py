@@ -52,6 +52,29 @@ class Stage:
     work: str | None = None  # the resumable state directory the command keeps (it takes --resume)
     after: list[list[str]] = field(default_factory=list)  # follow-up commands, cheap and idempotent
     needs: tuple[str, ...] = ()  # earlier stages whose checkpoints this one reads
+    family: str = "core"  # core: the paper's comparison, always run; others only when asked for
+
+    @property
+    def out(self) -> str | None:
+        """The checkpoint this stage writes (its --out), if any."""
+        return self.command[self.command.index("--out") + 1] if "--out" in self.command else None
+
+
+# Families beyond the core comparison (token SFT/GRPO against LaDiR and LaDi-RL): retrained only
+# when named (`--with dlr`, `--all`); otherwise their rows are evaluated from the shipped checkpoints.
+FAMILIES = ("dlr", "coconut")
+# Intermediate rows the targets do not rest on: evaluated on the first 100 of the 500 questions.
+INTERMEDIATE_ROWS = ("ladir-codec", "ladir-writer")
+# RL runs drawn in curves.png: each RL stage keeps a copy of its metrics log beside the table, so the
+# curves of a family that was not retrained come from the committed copy.
+CURVES = {"token-grpo": "checkpoints/demo-grpo", "ladi-rl": "checkpoints/demo-ladi-rl", "dlr": "checkpoints/demo-dlr",
+          "coconut-grpo": "checkpoints/demo-coconut-grpo", "latent-rl": "checkpoints/demo-latent-rl"}
+
+
+def keep_metrics(run: str) -> list[str]:
+    """A follow-up command: copy an RL run's metrics log to results/rl-demo/<run>-metrics.jsonl."""
+    return ["-c", "import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])",
+            f"{CURVES[run]}.work/metrics.jsonl", f"results/rl-demo/{run}-metrics.jsonl"]
 
 
 STAGES = [
@@ -65,30 +88,32 @@ STAGES = [
           work="checkpoints/demo-ladir-s2.work", needs=("writer",)),
     Stage("grpo", ["-m", "training.rl", "--algo", "grpo", "--init", "checkpoints/demo-token",
                    "--out", "checkpoints/demo-grpo", "--task", "countdown", "--preset", "demo", "--seed", "0"],
-          work="checkpoints/demo-grpo.work", needs=("sft",)),
+          work="checkpoints/demo-grpo.work", after=[keep_metrics("token-grpo")], needs=("sft",)),
     Stage("ladi-rl", ["-m", "training.rl", "--algo", "ladi", "--init", "checkpoints/demo-ladir-s2",
                       "--out", "checkpoints/demo-ladi-rl", "--lr", "2e-4", "--text-policy-coef", "1",
                       "--text-lr", "2e-5", "--task", "countdown", "--preset", "demo", "--seed", "0"],
-          work="checkpoints/demo-ladi-rl.work", needs=("prior-rollout",)),
+          work="checkpoints/demo-ladi-rl.work", after=[keep_metrics("ladi-rl")], needs=("prior-rollout",)),
     Stage("dlr-sft", ["-m", "training.assistant_sft", "--init", "checkpoints/demo-ladir",
                       "--out", "checkpoints/demo-dlr-sft", "--preset", "demo", "--seed", "0"],
-          work="checkpoints/demo-dlr-sft.work", needs=("writer",)),
+          work="checkpoints/demo-dlr-sft.work", needs=("writer",), family="dlr"),
     Stage("dlr", ["-m", "training.rl", "--algo", "dlr", "--init", "checkpoints/demo-dlr-sft",
                   "--out", "checkpoints/demo-dlr", "--lr", "3e-4", "--contrastive-weight", "0.01",
                   "--format-weight", "0.1",
                   "--rollout-backend", "vllm", "--task", "countdown", "--preset", "demo", "--seed", "0"],
-          work="checkpoints/demo-dlr.work", needs=("dlr-sft",)),
+          work="checkpoints/demo-dlr.work", after=[keep_metrics("dlr")], needs=("dlr-sft",), family="dlr"),
     Stage("coconut-sft", ["-m", "training.coconut_sft", "--init", "checkpoints/demo-token",
                           "--out", "checkpoints/demo-coconut", "--preset", "demo", "--seed", "0"],
-          work="checkpoints/demo-coconut.work", needs=("sft",)),
+          work="checkpoints/demo-coconut.work", needs=("sft",), family="coconut"),
     Stage("coconut-grpo", ["-m", "training.rl", "--algo", "coconut-grpo", "--init", "checkpoints/demo-coconut",
                            "--out", "checkpoints/demo-coconut-grpo", "--format-weight", "0.1",
                            "--task", "countdown", "--preset", "demo", "--seed", "0"],
-          work="checkpoints/demo-coconut-grpo.work", needs=("coconut-sft",)),
+          work="checkpoints/demo-coconut-grpo.work", after=[keep_metrics("coconut-grpo")], needs=("coconut-sft",),
+          family="coconut"),
     Stage("latent-rl", ["-m", "training.rl", "--algo", "latent-rl", "--init", "checkpoints/demo-coconut",
                         "--out", "checkpoints/demo-latent-rl", "--format-weight", "0.1",
                         "--task", "countdown", "--preset", "demo", "--seed", "0"],
-          work="checkpoints/demo-latent-rl.work", needs=("coconut-sft",)),
+          work="checkpoints/demo-latent-rl.work", after=[keep_metrics("latent-rl")], needs=("coconut-sft",),
+          family="coconut"),
     Stage("compare", ["-m", "training.eval", "--checkpoint", "checkpoints/demo-token",
                       "--checkpoint", "checkpoints/demo-grpo", "--checkpoint", "checkpoints/demo",
                       "--checkpoint", "checkpoints/demo-ladir", "--checkpoint", "checkpoints/demo-ladir-s2",
@@ -99,16 +124,30 @@ STAGES = [
                       "--name", "ladir-codec", "--name", "ladir-writer", "--name", "ladir-sft", "--name", "ladi-rl",
                       "--name", "dlr-sft", "--name", "dlr", "--name", "coconut-sft", "--name", "coconut-grpo",
                       "--name", "latent-rl",
-                      "--task", "countdown", "--problems", "500", "--k", K, "--out", "results/rl-demo"],
-          after=[["-m", "training.rl_curves", "--run", "token-grpo=checkpoints/demo-grpo.work/metrics.jsonl",
-                  "--run", "ladi-rl=checkpoints/demo-ladi-rl.work/metrics.jsonl",
-                  "--run", "dlr=checkpoints/demo-dlr.work/metrics.jsonl",
-                  "--run", "coconut-grpo=checkpoints/demo-coconut-grpo.work/metrics.jsonl",
-                  "--run", "latent-rl=checkpoints/demo-latent-rl.work/metrics.jsonl",
+                      "--task", "countdown", "--problems", "500",
+                      *(a for row in INTERMEDIATE_ROWS for a in ("--problems-for", f"{row}=100")),
+                      "--k", K, "--out", "results/rl-demo"],
+          after=[["-m", "training.rl_curves",
+                  *(a for run in CURVES for a in ("--run", f"{run}=results/rl-demo/{run}-metrics.jsonl")),
                   "--out", "results/rl-demo/curves.png"]],
           needs=("sft", "writer", "prior-rollout", "grpo", "ladi-rl", "dlr-sft", "dlr", "coconut-sft", "coconut-grpo",
                  "latent-rl")),
 ]
+
+
+def select(stages: list[Stage], families: set[str]) -> list[Stage]:
+    """The core stages and those of the named families, in order. A family left out is not retrained;
+    the checkpoints it would write must be there (the shipped ones), since the comparison reads them."""
+    unknown = families - set(FAMILIES)
+    if unknown:
+        raise SystemExit(f"unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(sorted(unknown))}: "
+                         f"choose from {', '.join(FAMILIES)}")
+    chosen = [st for st in stages if st.family == "core" or st.family in families]
+    missing = [st.out for st in stages if st not in chosen and st.out and not Path(st.out, "ladi.json").is_file()]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)} missing: the comparison reads it; retrain it with --all "
+                         f"(or --with its family), or restore the shipped checkpoints (git checkout checkpoints)")
+    return chosen
 
 
 def run_stage(commands: list[list[str]], started: Path, previous: float) -> float:
@@ -192,7 +231,8 @@ def run_pipeline(stages: list[Stage], state: Path, python: str, dry_run: bool = 
     if report is not None and not dry_run and len(times) == len(stages):
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps({"stages_s": times, "total_s": round(sum(times.values()), 1),
-                                      "total_h": round(sum(times.values()) / 3600, 2)}, indent=2) + "\n")
+                                      "total_h": round(sum(times.values()) / 3600, 2),
+                                      "families": sorted({st.family for st in stages})}, indent=2) + "\n")
     return times
 
 
@@ -202,8 +242,14 @@ def main(argv=None) -> dict:
     p.add_argument("--state", default=".demo", help="where finished/started stages are recorded")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--dry-run", action="store_true", help="print what would run")
+    p.add_argument("--with", dest="families", action="append", default=[], choices=FAMILIES,
+                   help="also retrain this family's stages (repeatable); otherwise its rows are evaluated "
+                   "from the shipped checkpoints")
+    p.add_argument("--all", action="store_true", help="retrain every family (about 3.2 h on 2 cores)")
     args = p.parse_args(argv)
-    times = run_pipeline(STAGES, Path(args.state), args.python, args.dry_run,
+    stages = select(STAGES, set(FAMILIES) if args.all else set(args.families))
+    print(f"[demo] stages: {' -> '.join(st.name for st in stages)}", flush=True)
+    times = run_pipeline(stages, Path(args.state), args.python, args.dry_run,
                          report=Path("results/rl-demo/pipeline.json"))
     if not args.dry_run:
         print(f"[demo] all stages: {sum(times.values()) / 3600:.2f} h", flush=True)
