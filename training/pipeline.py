@@ -98,7 +98,7 @@ STAGES = [
           work="checkpoints/demo-dlr-sft.work", needs=("writer",), family="dlr"),
     Stage("dlr", ["-m", "training.rl", "--algo", "dlr", "--init", "checkpoints/demo-dlr-sft",
                   "--out", "checkpoints/demo-dlr", "--lr", "3e-4", "--contrastive-weight", "0.01",
-                  "--format-weight", "0.1",
+                  "--format-weight", "0.1", "--kl-beta", "0.02",
                   "--rollout-backend", "vllm", "--task", "countdown", "--preset", "demo", "--seed", "0"],
           work="checkpoints/demo-dlr.work", after=[keep_metrics("dlr")], needs=("dlr-sft",), family="dlr"),
     Stage("coconut-sft", ["-m", "training.coconut_sft", "--init", "checkpoints/demo-token",
