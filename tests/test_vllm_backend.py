@@ -128,3 +128,16 @@ def test_weight_updates_are_refused_on_the_cpu_build(vllm_token_reasoner, latent
     assert backend.supports_weight_updates is False
     with pytest.raises(NotImplementedError, match="CPU build"):
         backend.update_weights(latent_reasoner.backend.model.state_dict())
+
+
+def test_data_parallelism_is_passed_to_the_engine_and_refused_up_front_on_the_cpu_build(latent_ckpt):
+    """--vllm-data-parallel-size reaches vLLM's engine arguments on GPUs; the CPU build runs one
+    engine, so asking for more is one clear error before any engine starts."""
+    from ladi_core.backends.vllm import resolve_options
+    from ladi_core.backends.vllm_options import VLLMOptions
+
+    assert VLLMOptions().data_parallel_size == 1
+    with pytest.raises(ValueError, match="needs GPUs.*load balancer"):
+        resolve_options(latent_ckpt / "decoder", VLLMOptions(data_parallel_size=2))
+    opts, _ = resolve_options(latent_ckpt / "decoder", VLLMOptions(data_parallel_size=1))
+    assert opts.data_parallel_size == 1

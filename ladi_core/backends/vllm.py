@@ -68,6 +68,9 @@ def resolve_options(decoder_dir: str | Path, opts: VLLMOptions) -> tuple[VLLMOpt
 
     from vllm.platforms import current_platform
 
+    if current_platform.is_cpu() and opts.data_parallel_size > 1:
+        raise ValueError(f"data parallelism (data_parallel_size {opts.data_parallel_size}) needs GPUs: vLLM's "
+                         "CPU build runs one engine; run one server per replica behind a load balancer instead")
     if not current_platform.is_cpu() or opts.cpu_kvcache_space_gib is not None:
         return opts, None
     gib, how = cpu_kv_cache_gib(decoder_dir, opts)
@@ -190,7 +193,8 @@ class VLLMBackend:
         args = AsyncEngineArgs(model=str(decoder_dir), enable_prompt_embeds=True, dtype=opts.dtype,
                                enable_chunked_prefill=chunked, block_size=block_size,
                                max_model_len=opts.max_model_len, gpu_memory_utilization=opts.gpu_memory_utilization,
-                               tensor_parallel_size=opts.tensor_parallel_size, enforce_eager=opts.enforce_eager,
+                               tensor_parallel_size=opts.tensor_parallel_size,
+                               data_parallel_size=opts.data_parallel_size, enforce_eager=opts.enforce_eager,
                                max_num_seqs=opts.max_num_seqs)
 
         async def build():

