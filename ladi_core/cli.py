@@ -82,8 +82,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, prefix: 
         text = help.get(f.name, "").replace("%", "%%")
         if defaults is not None:
             text = f"{text} (default {default})".strip()
+        switch = {"nargs": "?", "const": True, "metavar": "BOOL"} if kind is _bool else {}  # `--fsdp` = `--fsdp true`
         parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{prefix.replace('-', '_')}{f.name}",
-                            type=kind, choices=choices, default=default, help=text or None)
+                            type=kind, choices=choices, default=default, help=text or None, **switch)
 
 
 def config_from_arguments(args: argparse.Namespace, cls: type, *, prefix: str = "") -> dict[str, Any]:

@@ -66,12 +66,22 @@ def teacher_forcing(prefixes: list[torch.Tensor], targets: list[list[int]], embe
 
 
 class MetricsLog:
-    """Append-only JSONL: one object per logged step, with wall-clock time."""
+    """Append-only JSONL: one object per logged step, with wall-clock time.
 
-    def __init__(self, path: Path):
+    resume_at: the step a resumed RL run starts from. Rows of that step and later (written after the
+    last save, and about to be redone) and a final evaluation's row are dropped, so each step
+    appears once, and `time` goes on from the last kept row instead of restarting at 0."""
+
+    def __init__(self, path: Path, resume_at: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
+        if resume_at is not None and self.path.is_file():
+            rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            kept = [r for r in rows if r.get("step", -1) < resume_at and r.get("stage") != "final"]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            if kept:
+                self.t0 -= kept[-1].get("time", 0.0)
 
     def write(self, **row) -> None:
         row = {"time": round(time.time() - self.t0, 2), **row}

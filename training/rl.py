@@ -43,6 +43,7 @@ from ladi_core.tasks import get_task
 from .algos import ALGORITHMS
 from .common import MetricsLog, hash_int, load_state, save_state, set_threads, step_rng
 from .eval import evaluate, summarize
+from .fsdp import ShardedState, clip_grad_norm, full_state_dict, is_sharded, shard_decoder
 from .rewards import default_rewards
 from .rl_config import PRESETS, SHARED_FIELDS, RLConfig, all_method_configs, build_config
 
@@ -61,11 +62,12 @@ class Dist:
         return self.rank == 0
 
     def all_reduce_grads(self, params) -> None:
-        """Average gradients over ranks: every rank holds the same share, so this is the global mean."""
+        """Average gradients over ranks: every rank holds the same share, so this is the global mean.
+        Sharded (FSDP) parameters are skipped: their reduce-scatter has averaged them already."""
         if self.world == 1:
             return
         for p in params:
-            if p.grad is not None:
+            if p.grad is not None and not is_sharded(p):
                 dist.all_reduce(p.grad)
                 p.grad /= self.world
 
@@ -116,9 +118,19 @@ class Trainer:
         self.algo = ALGORITHMS[cfg.algo](cfg, self.reasoner, self.decoder, self.task.verifier,
                                          default_rewards(cfg.format_weight))
         self.rollout = self._rollout_reasoner()
+        if cfg.fsdp:
+            self._check_fsdp()
+            layers = shard_decoder(self.decoder)
+            if self.dist.main:
+                print(f"--fsdp: {layers} decoder layers sharded over {self.dist.world} ranks; rollouts decode "
+                      "with a whole copy that takes the weights after every step", flush=True)
+        # the decoder as a whole, to save: the rollout copy under FSDP (it holds the gathered weights)
+        self.whole_decoder = self.rollout.backend.trainable_decoder() if cfg.fsdp else self.decoder
         groups = self.algo.param_groups()
         self.params = [p for g in groups for p in g["params"]]
         self.opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.99))
+        self.sharded_state = ShardedState(self.algo.trainable_modules(), self.opt, self.work / "fsdp_state") \
+            if cfg.fsdp else None
         self.start = 0
         self.commit = git_commit()
         if self.dist.main:
@@ -128,13 +140,21 @@ class Trainer:
         if resume:
             self._load_state()
             self._push_decoder()
-        self.log = MetricsLog(self.work / "metrics.jsonl") if self.dist.main else None
+        self.log = MetricsLog(self.work / "metrics.jsonl", resume_at=self.start if resume else None) \
+            if self.dist.main else None
 
     def _rollout_reasoner(self) -> Reasoner:
         """Who decodes the rollouts' texts: the trained decoder itself, or a vLLM engine on the same
         checkpoint that shares the live policy, codec and embeddings (and gets the decoder's weights
         after every step when the decoder trains)."""
         cfg = self.cfg
+        if cfg.rollout_backend == "transformers" and cfg.fsdp:
+            import copy
+
+            from ladi_core.backends.transformers import TransformersBackend
+
+            ck = self.reasoner.checkpoint
+            return Reasoner(ck, TransformersBackend(copy.deepcopy(self.decoder), ck.tokenizer))
         if cfg.rollout_backend == "transformers":
             return self.reasoner
         from ladi_core.backends.vllm import VLLMBackend
@@ -150,24 +170,56 @@ class Trainer:
                              "--rollout-backend transformers here, or a GPU build of vLLM")
         return Reasoner(ck, backend, embed_tokens=self.decoder.get_input_embeddings())
 
+    def _check_fsdp(self) -> None:
+        why = None
+        if not self.algo.decoder_training:
+            why = f"the decoder does not train in this run (--algo {self.cfg.algo}): there is nothing to shard"
+        elif self.reasoner.checkpoint.policy is not None and self.reasoner.checkpoint.policy.needs_decoder:
+            why = (f"--algo {self.cfg.algo}'s policy thinks with the decoder itself, and its thoughts would run "
+                   "through the sharded layers during rollouts: not supported yet")
+        elif self.cfg.rollout_backend != "transformers":
+            why = "with --rollout-backend vllm: not supported yet (use the transformers rollout copy)"
+        if why:
+            raise SystemExit(f"--fsdp: {why}")
+
     def _push_decoder(self) -> None:
-        """The engine decodes with the weights being trained (on-policy rollouts)."""
+        """The rollout engine decodes with the weights being trained (on-policy rollouts)."""
         if self.rollout is not self.reasoner and self.algo.decoder_training:
-            self.rollout.backend.update_weights(self.decoder.state_dict())
+            state = full_state_dict(self.decoder) if self.cfg.fsdp else self.decoder.state_dict()
+            self.rollout.backend.update_weights(state)
 
     def close(self) -> None:
-        if self.rollout is not self.reasoner:
+        if self.rollout is not self.reasoner and hasattr(self.rollout.backend, "close"):  # an engine to stop
             self.rollout.backend.close()
 
     # --- state ---------------------------------------------------------------------------------
     def _save_state(self, step: int) -> None:
-        save_state(self.work / "rl_state.pt", step=step, optimizer=self.opt.state_dict(),
-                   modules={k: m.state_dict() for k, m in self.algo.trainable_modules().items()})
+        """Every rank calls it. FSDP: every rank writes its shards, then the step is written (so a
+        step on disk always has its whole state); otherwise the main rank writes everything."""
+        if self.sharded_state is not None:
+            self.sharded_state.save()
+            dist.barrier()
+            if self.dist.main:
+                save_state(self.work / "rl_state.pt", step=step, sharded=True)
+            return
+        if self.dist.main:
+            save_state(self.work / "rl_state.pt", step=step, optimizer=self.opt.state_dict(),
+                       modules={k: m.state_dict() for k, m in self.algo.trainable_modules().items()})
 
     def _load_state(self) -> None:
         state = load_state(self.work / "rl_state.pt")
+        if state is not None and self.sharded_state is not None:
+            if not state.get("sharded"):
+                raise SystemExit(f"--resume --fsdp: {self.work} holds the state of a run without --fsdp")
+            self.sharded_state.load()
+            self.start = state["step"]
+            if self.dist.main:
+                print(f"resuming at step {self.start}", flush=True)
+            return
         if state is None:
             raise SystemExit(f"--resume: no saved state in {self.work}")
+        if state.get("sharded"):
+            raise SystemExit(f"--resume: {self.work} holds the sharded state of an --fsdp run: resume it with --fsdp")
         for k, m in self.algo.trainable_modules().items():
             m.load_state_dict(state["modules"][k])
         self.opt.load_state_dict(state["optimizer"])
@@ -179,7 +231,7 @@ class Trainer:
         ck = self.reasoner.checkpoint
         prov = make_provenance(self.command, self.cfg.seed, json.loads(self.cfg.to_json()),
                                {"algo": self.cfg.algo, "init": str(ck.path), **metrics}, self.commit)
-        save_checkpoint(self.out, self.decoder, self.reasoner.tokenizer, prov, task=ck.config.task,
+        save_checkpoint(self.out, self.whole_decoder, self.reasoner.tokenizer, prov, task=ck.config.task,
                         **self.algo.checkpoint_parts())
 
     # --- one step ------------------------------------------------------------------------------
@@ -207,7 +259,10 @@ class Trainer:
             loss, s = self.algo.loss(ro, old)
             loss.backward()
             self.dist.all_reduce_grads(self.params)
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            if cfg.fsdp:
+                clip_grad_norm(self.params, 1.0)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
             stats = {**s, "policy_loss": loss.item()}
         self._push_decoder()
@@ -237,10 +292,12 @@ class Trainer:
             if self.dist.main:
                 self.log.write(**{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()})
                 bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m['policy_loss']:.4f}")
-            if self.dist.main and ((step + 1) % cfg.save_every == 0 or step == cfg.steps - 1):
+            if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
                 self._save_state(step + 1)
-                self._save_checkpoint({"step": step + 1})
-        sums = self.dist.checksum(self.params)
+                if self.dist.main:
+                    self._save_checkpoint({"step": step + 1})
+        # under FSDP the ranks hold different shards: compare the whole copies they decode with
+        sums = self.dist.checksum(list(self.whole_decoder.parameters()) if cfg.fsdp else self.params)
         final = {}
         if self.dist.main:
             in_sync = max(sums) - min(sums) <= 1e-6 * max(1.0, abs(sums[0]))

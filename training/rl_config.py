@@ -52,6 +52,7 @@ class RLConfig:
     eval_k: tuple[int, ...] = (1, 8)
     threads: int = 0  # torch threads (0: torch's default)
     rollout_backend: Literal["transformers", "vllm"] = "transformers"  # vllm: texts decoded by a vLLM engine
+    fsdp: bool = False  # under torchrun: shard the decoder's layers with FSDP2 (training/fsdp.py)
     vllm: VLLMOptions = VLLMOptions(dtype="float32", max_model_len=512, cpu_kvcache_space_gib=2)
     method: Any = None  # the algorithm's own config (ALGORITHMS[algo].Config); None: its defaults
 

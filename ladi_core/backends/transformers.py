@@ -94,6 +94,10 @@ class TransformersBackend:
     def trainable_decoder(self) -> torch.nn.Module:
         return self.model
 
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """New decoder weights (a rollout copy following a sharded decoder that trains)."""
+        self.model.load_state_dict(state_dict)
+
     def dead(self) -> str | None:
         return None  # the model lives in this process: it dies with it
 
