@@ -59,6 +59,19 @@ class DecoderConfig:
     max_positions: int = 512
 
 
+def decoder_shape(path: str | Path) -> DecoderConfig:
+    """The shape of a local Hugging Face decoder, read from its config.json (no weights loaded), so a
+    run prints the decoder it will train rather than the from-scratch default it ignores."""
+    import json
+
+    c = json.loads((Path(path) / "config.json").read_text())
+    heads = c.get("num_attention_heads", DecoderConfig.num_heads)
+    return DecoderConfig(hidden_size=c["hidden_size"], num_layers=c.get("num_hidden_layers", 0), num_heads=heads,
+                         num_kv_heads=c.get("num_key_value_heads") or heads,
+                         intermediate_size=c.get("intermediate_size", 0),
+                         max_positions=c.get("max_position_embeddings", 0))
+
+
 def build_decoder(cfg: DecoderConfig, tokenizer, seed: int = 0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -59,6 +59,15 @@ def test_the_directory_is_shaped_like_a_real_chat_model(byo):
     assert cfg["hidden_size"] != 128  # unlike the project's own decoder: the codec must size itself from it
 
 
+def test_the_sft_run_records_the_decoder_it_trained_and_the_codec_sized_to_it(byo):
+    from ladi_core.checkpoint import read_config
+
+    made = read_config(byo["latent"]).provenance.config
+    hidden = json.loads((byo["model"] / "config.json").read_text())["hidden_size"]
+    assert made["decoder"]["hidden_size"] == hidden and made["decoder"]["num_layers"] == 2
+    assert made["codec"]["hidden_size"] == hidden and made["policy"]["hidden_size"] == hidden
+
+
 STAGES = ["latent", "token", "writer", "s2", "dlr-sft", "coconut", "rl-ladi", "rl-grpo", "rl-dlr", "rl-coconut-grpo"]
 
 

@@ -23,7 +23,7 @@ from ladi_core.checkpoint import (
     save_checkpoint,
 )
 from ladi_core.codec import LatentCodec
-from ladi_core.decoder import build_char_tokenizer, build_decoder, load_decoder
+from ladi_core.decoder import build_char_tokenizer, build_decoder, decoder_shape, load_decoder
 from ladi_core.generation import pad_embeds
 from ladi_core.policies import DiffusionPolicy
 from ladi_core.tasks import get_task
@@ -51,6 +51,12 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     cfg = with_overrides(PRESETS[args.preset], task=args.task, verifier=args.verifier, seed=args.seed,
                          decoder_init=args.decoder_init, threads=args.threads)
+    if cfg.decoder_init:  # the decoder's own shape, and the codec and prior sized to it, before printing
+        if not (Path(cfg.decoder_init) / "config.json").is_file():
+            raise SystemExit(f"--decoder-init {cfg.decoder_init}: not a Hugging Face model directory (no config.json)")
+        cfg = replace(cfg, decoder=decoder_shape(cfg.decoder_init))
+    hidden = cfg.decoder.hidden_size
+    cfg = replace(cfg, codec=replace(cfg.codec, hidden_size=hidden), policy=replace(cfg.policy, hidden_size=hidden))
     set_threads(cfg.threads)
     out = Path(args.out)
     token_out = out.with_name(out.name + "-token")
