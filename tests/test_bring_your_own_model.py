@@ -14,7 +14,7 @@ from openai import OpenAI
 
 from .qwen_like import DEFAULT_SYSTEM, describe, make_qwen_like
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the fixture trains every stage (~4 min alone)
 Q = "Use 3 4 5 2 to make 23."
 
 
