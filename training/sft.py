@@ -74,7 +74,6 @@ def main(argv=None) -> Path:
     else:
         tokenizer = build_char_tokenizer()
         decoder = build_decoder(cfg.decoder, tokenizer, seed=cfg.seed)
-    hidden = decoder.config.hidden_size
     data = Examples(task, tokenizer)
     pad = tokenizer.pad_token_id
     embed = decoder.get_input_embeddings()
@@ -99,8 +98,8 @@ def main(argv=None) -> Path:
     token_metrics = quick_eval(token_out, task, cfg)
 
     # --- stage 2: latent codec (decoder fine-tuned alongside) --------------------------------------
-    codec = LatentCodec(replace(cfg.codec, hidden_size=hidden))
-    policy = DiffusionPolicy(replace(cfg.policy, hidden_size=hidden, latent_tokens=cfg.codec.latent_tokens,
+    codec = LatentCodec(cfg.codec)  # sized to the decoder above, before the config was printed
+    policy = DiffusionPolicy(replace(cfg.policy, latent_tokens=cfg.codec.latent_tokens,
                                      latent_dim=cfg.codec.latent_dim), cfg.sampler)
 
     def encode_inputs(prompts, comps):
