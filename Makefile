@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CHECKPOINT ?= checkpoints/demo-ladi-rl
 
-.PHONY: venv sandbox serve test prometheus soak demo demo-all demo-clean bench-backends clean
+.PHONY: venv sandbox serve test prometheus soak demo demo-all demo-clean bench-backends gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -58,6 +58,22 @@ bench-backends: $(STAMP)
 # 32 clients of mixed modes against the server for 10 minutes: zero 5xx, nothing lost, flat memory.
 soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak --checkpoint $(CHECKPOINT) --out results/soak/soak.json
+
+# The GPU check (benchmarks/gpu_check.py over tests/test_gpu.py, at most 8 minutes on one H100):
+# SFT and RL steps in bf16 on CUDA, backend parity where vLLM is installed, the server under load
+# with its NVML gauges -> results/gpu/*.json. On the GPU machine it runs with that machine's own
+# python3 (its CUDA torch; .venv does not travel there); `make gpu-wheels` (here, with an index)
+# fetches the few wheels it lacks into .whl/ (README, "The GPU check"). Here, .venv's python runs
+# `make gpu-check ARGS=--dry-run` on the CPU.
+GPU_PY      ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_PY_VER  ?= 3.12
+gpu-wheels: $(STAMP)
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY_VER) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl -r gpu-check-wheels.txt
+
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV)

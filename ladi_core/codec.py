@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import seeding
+
 
 @dataclass(frozen=True)
 class CodecConfig:
@@ -117,8 +119,7 @@ class LatentCodec(nn.Module):
             raise ValueError("a frame-only codec has no encoder: its plans are the decoder's own hidden states")
         mu, logvar = self.encoder(token_embeds, mask)
         if sample:
-            where = generator.device if generator is not None else mu.device
-            noise = torch.randn(mu.shape, generator=generator, device=where, dtype=mu.dtype).to(mu.device)
+            noise = seeding.randn(mu.shape, generator, device=mu.device, dtype=mu.dtype)
             z = mu + noise * (0.5 * logvar).exp()
         else:
             z = mu

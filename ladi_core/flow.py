@@ -14,6 +14,8 @@ from typing import Literal, get_args
 
 import torch
 
+from . import seeding
+
 
 @functools.lru_cache(maxsize=64)
 def _sigmas(steps: int, shift: float) -> torch.Tensor:
@@ -64,7 +66,7 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, 
     """One stochastic step. Draws x_next unless given (re-scoring). Returns (x_next, log_prob, mean, std)."""
     mean, std = sde_mean_std(x, v, sigma, sigma_next, noise_level)
     if x_next is None:
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        noise = seeding.randn(mean.shape, generator, device=mean.device, dtype=mean.dtype)
         x_next = mean + std * noise
     return x_next, gaussian_log_prob(x_next, mean, std), mean, std
 

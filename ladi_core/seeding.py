@@ -32,6 +32,20 @@ def question_seed(seed: int | None, index: int) -> int | None:
     return None if seed is None else seed + index * QUESTION_STRIDE
 
 
+def randn(shape, generator: torch.Generator | None = None, *, device=None, dtype=None) -> torch.Tensor:
+    """torch.randn drawn on the generator's own device (the CPU for every generator this project
+    makes), then moved to `device`: a seed gives the same numbers on a CPU and on a GPU run, and a
+    CPU generator never meets a CUDA tensor (which torch refuses)."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
+def rand(shape, generator: torch.Generator | None = None, *, device=None) -> torch.Tensor:
+    """torch.rand, drawn and moved as `randn` is."""
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=where).to(device)
+
+
 def plan_noise(seed: int | None, plans: int, latent_tokens: int, latent_dim: int) -> torch.Tensor:
     """A question's M initial plan noises (the sampler's x_1)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None

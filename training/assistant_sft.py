@@ -29,7 +29,7 @@ from ladi_core.policies import AssistantPolicy, AssistantPolicyConfig, info_nce
 from ladi_core.tasks import get_task
 
 from . import stage
-from .common import MetricsLog, pad_batch, set_threads
+from .common import MetricsLog, Placement, pad_batch, set_threads
 from .config import CheckpointStageConfig, StageConfig
 from .prior_rollout import answer_loss
 
@@ -58,7 +58,8 @@ def warmup_loss(decoder, codec, assistant: AssistantPolicy, prompts: list[list[i
     """The stage's objective on one batch: prompts [Q] token ids, refs [Q][R] reference completions."""
     embed = decoder.get_input_embeddings()
     k = assistant.cfg.slots
-    prompt_embeds = [embed(torch.tensor(p)) for p in prompts]  # frozen: no gradient
+    dev = embed.weight.device
+    prompt_embeds = [embed(torch.tensor(p, device=dev)) for p in prompts]  # frozen: no gradient
     cond, mask = pad_embeds(prompt_embeds)
     plans = assistant.sample(cond, mask, k, generator=gen, sde=True)  # reparameterised: grad reaches the assistant
     rows = [e for e in prompt_embeds for _ in range(k)]
@@ -68,10 +69,11 @@ def warmup_loss(decoder, codec, assistant: AssistantPolicy, prompts: list[list[i
     if cfg.posterior_weight:
         r = len(refs[0])
         ids, ids_mask = pad_batch([p + c for p, rs in zip(prompts, refs) for c in rs], 0)
+        ids, ids_mask = ids.to(dev), ids_mask.to(dev)
         with torch.no_grad():
             mu, _ = codec.encoder(embed(ids), ids_mask)
             target = codec.normalize(mu).view(len(prompts), r, *mu.shape[1:])
-        chosen = target.repeat_interleave(k, 0)[torch.arange(len(best)), best]
+        chosen = target.repeat_interleave(k, 0)[torch.arange(len(best), device=dev), best]
         post = F.mse_loss(mean, chosen)
         loss = loss + cfg.posterior_weight * post
         stats["posterior"] = round(post.item(), 5)
@@ -100,17 +102,18 @@ def main(argv=None) -> Path:
     if cfg.references < 1 or cfg.assistant.slots < 1:
         raise SystemExit("--references and --slots must be at least 1")
     set_threads(cfg.threads)
+    place = Placement.resolve(cfg.device, cfg.precision)
     init, out = Path(args.init), Path(args.out)
-    ck = load_checkpoint(init)
+    ck = load_checkpoint(init, str(place.device))
     if not ck.is_latent:
         raise SystemExit(f"{init} is a token-level checkpoint: the assistant needs a decoder that reads plans "
                          "(a latent checkpoint's decoder and codec)")
     work = stage.open_work_dir(out, cfg.to_json(), args.resume)
-    print(f"training.assistant_sft preset={args.preset} init={init}\n{cfg.to_json()}", flush=True)
+    print(f"training.assistant_sft preset={args.preset} init={init} on {place}\n{cfg.to_json()}", flush=True)
     command, commit, t0 = command_line("training.assistant_sft", argv), git_commit(), time.time()
 
     task = get_task(cfg.task)
-    decoder, tokenizer = load_decoder(ck.decoder_dir)
+    decoder, tokenizer = load_decoder(ck.decoder_dir, device=place.device)
     codec = ck.codec
     decoder.eval()
     for prm in list(decoder.parameters()) + list(codec.parameters()):
@@ -118,7 +121,7 @@ def main(argv=None) -> Path:
     c = codec.cfg
     torch.manual_seed(cfg.seed)  # the assistant's initial weights
     assistant = AssistantPolicy(replace(cfg.assistant, hidden_size=c.hidden_size, latent_tokens=c.latent_tokens,
-                                        latent_dim=c.latent_dim))
+                                        latent_dim=c.latent_dim)).to(place.device)
     data = stage.Examples(task, tokenizer)
 
     def loss_fn(rng, gen, progress):
@@ -127,7 +130,7 @@ def main(argv=None) -> Path:
 
     log = MetricsLog(work / "metrics.jsonl")
     stage.run_stage("assistant", cfg.stage, {"assistant": assistant}, list(assistant.parameters()), loss_fn, cfg,
-                    work, log)
+                    work, log, place)
     metrics = {"stage": "assistant_sft", "init": str(init), "assistant_sft_s": round(time.time() - t0, 1)}
     return stage.finish_checkpoint_stage(out, decoder, tokenizer, codec, assistant.eval(), task=task,
                                    task_name=ck.config.task, cfg=cfg, command=command, commit=commit,

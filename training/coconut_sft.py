@@ -27,7 +27,7 @@ from ladi_core.generation import pad_embeds
 from ladi_core.policies import RecurrentPolicy, RecurrentPolicyConfig
 from ladi_core.tasks import get_task
 
-from .common import MetricsLog, set_threads, teacher_forcing
+from .common import MetricsLog, Placement, set_threads, teacher_forcing
 from .config import CheckpointStageConfig, StageConfig
 from .stage import checkpoint_stage_config, checkpoint_stage_parser, finish_checkpoint_stage, open_work_dir, run_stage
 
@@ -59,7 +59,7 @@ def stage_loss(decoder, codec: LatentCodec, policy: RecurrentPolicy, prompts: li
     """Cross-entropy of the remaining language (`rests`, with its end token) after
     `[prompt; bot; thoughts; eot]`, the thoughts computed with gradient."""
     embed = decoder.get_input_embeddings()
-    prompt_embeds = [embed(torch.tensor(p)) for p in prompts]
+    prompt_embeds = [embed(torch.tensor(p, device=embed.weight.device)) for p in prompts]
     cond, mask = pad_embeds(prompt_embeds)
     h = policy.think(cond, mask, thoughts)
     prefixes = codec.prefixes(prompt_embeds, h)
@@ -81,22 +81,24 @@ def main(argv=None) -> Path:
     if cfg.thoughts_per_step < 1 or cfg.max_stage < 1:
         raise SystemExit("--thoughts-per-step and --max-stage must be at least 1")
     set_threads(cfg.threads)
+    place = Placement.resolve(cfg.device, cfg.precision)
     init, out = Path(args.init), Path(args.out)
-    ck = load_checkpoint(init)
+    ck = load_checkpoint(init, str(place.device))
     if ck.is_latent:
         raise SystemExit(f"{init} is a latent checkpoint: the curriculum starts from a token-level chain-of-thought "
                          "model (its -token twin)")
     work = open_work_dir(out, cfg.to_json(), args.resume)
-    print(f"training.coconut_sft preset={args.preset} init={init}\n{cfg.to_json()}", flush=True)
+    print(f"training.coconut_sft preset={args.preset} init={init} on {place}\n{cfg.to_json()}", flush=True)
     command, commit, t0 = command_line("training.coconut_sft", argv), git_commit(), time.time()
 
     task = get_task(cfg.task)
-    decoder, tokenizer = load_decoder(ck.decoder_dir)
+    decoder, tokenizer = load_decoder(ck.decoder_dir, device=place.device)
     hidden, n = decoder.config.hidden_size, cfg.max_stage * cfg.thoughts_per_step
     torch.manual_seed(cfg.seed)  # bot, eot and the (unused until latent RL) value head
     codec = LatentCodec(CodecConfig(latent_tokens=n, latent_dim=hidden, hidden_size=hidden, frame_only=True))
     policy = RecurrentPolicy(RecurrentPolicyConfig(latent_tokens=n, latent_dim=hidden, hidden_size=hidden,
                                                    thoughts_per_step=cfg.thoughts_per_step))
+    codec, policy = codec.to(place.device), policy.to(place.device)
     policy.bind(decoder, codec)
     eos = tokenizer.eos_token_id
     log = MetricsLog(work / "metrics.jsonl")
@@ -112,7 +114,7 @@ def main(argv=None) -> Path:
 
         ts = time.time()
         run_stage(f"stage{k}", cfg.stage, {"decoder": decoder, "codec": codec},
-                  list(decoder.parameters()) + list(codec.parameters()), loss_fn, cfg, work, log)
+                  list(decoder.parameters()) + list(codec.parameters()), loss_fn, cfg, work, log, place)
         timings[f"stage{k}_s"] = round(time.time() - ts, 1)
     metrics = {"stage": "coconut_sft", "init": str(init), **timings, "coconut_sft_s": round(time.time() - t0, 1)}
     decoder.eval()

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -15,6 +19,49 @@ from ladi_core.generation import pad_embeds
 def set_threads(n: int) -> None:
     if n > 0:
         torch.set_num_threads(n)
+
+
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's weights and batches live, and what its forward passes compute in. Weights and
+    optimiser state stay float32 whatever the precision; "bf16" runs the forward passes under
+    torch.autocast (mixed precision: what a GPU run of a real model uses)."""
+
+    device: torch.device
+    precision: Precision = "fp32"
+
+    @classmethod
+    def resolve(cls, device: str, precision: Precision = "fp32") -> Placement:
+        """device "auto": this process's GPU when CUDA is there (torchrun's LOCAL_RANK picks which),
+        else the CPU; "cuda" without one is refused, naming what torch sees."""
+        if precision not in ("fp32", "bf16"):
+            raise SystemExit(f"--precision {precision}: use fp32 or bf16")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise SystemExit(f"--device {device}: this torch sees no CUDA device (torch {torch.__version__}, "
+                                 f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+            if dev.index is None:
+                dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+        return cls(dev, precision)
+
+    def autocast(self):
+        """The context every forward pass of a training step runs in."""
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def __str__(self) -> str:
+        return f"{self.device} {self.precision}"
+
+
+CPU = Placement(torch.device("cpu"))
 
 
 def step_rng(seed: int, stage: str, step: int) -> tuple[random.Random, torch.Generator]:

@@ -9,6 +9,8 @@ from ladi_core.decoder import DecoderConfig
 from ladi_core.policies import DiffusionPolicyConfig, SamplerConfig
 from ladi_core.tasks import CountdownConfig
 
+from .common import Precision
+
 
 @dataclass(frozen=True)
 class StageConfig:
@@ -31,6 +33,8 @@ class CheckpointStageConfig:
     eval_samples: int = 4
     max_new_tokens: int = 96
     threads: int = 0
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto (the GPU when there is one)
+    precision: Precision = "fp32"  # bf16: forward passes under autocast, float32 weights
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -59,6 +63,8 @@ class SFTConfig:
     eval_samples: int = 4
     max_new_tokens: int = 96
     threads: int = 0  # torch threads; 0 = all cores
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto (this process's GPU when there is one)
+    precision: Precision = "fp32"  # bf16: forward passes under autocast, float32 weights (GPU runs)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -106,6 +112,20 @@ PRESETS: dict[str, SFTConfig] = {
         codec_stage=StageConfig(240, 64, 2e-3, warmup=10),
         prior_stage=StageConfig(80, 64, 1e-3, warmup=10),
         stats_examples=256, save_every=40, eval_questions=16, eval_samples=2, max_new_tokens=64,
+    ),
+    # A pretrained chat model of ~1.5B parameters on one GPU (`--decoder-init DIR`, e.g. a local
+    # Qwen2.5-1.5B-Instruct): mixed precision, batches and learning rates for fine-tuning a
+    # pretrained decoder, a codec and a prior wide enough for its 1,536-wide embeddings, and longer
+    # texts. Memory (estimated, not yet measured on a GPU): ~25 GB of float32 weights, gradients and
+    # AdamW state plus ~15 GB of bf16 activations at batch 16: one 80 GB (or 48 GB) GPU.
+    "qwen2.5-1.5b": SFTConfig(
+        precision="bf16",
+        codec=replace(LADIR_CODEC, latent_tokens=8, enc_dim=512, enc_layers=4, enc_heads=8, max_len=512),
+        policy=DiffusionPolicyConfig(d_model=512, layers=6, encoder_layers=2, heads=8, max_cond_len=512),
+        decoder_stage=StageConfig(1000, 16, 1e-5, warmup=50),
+        codec_stage=StageConfig(3000, 16, 1e-4, warmup=100),
+        prior_stage=StageConfig(3000, 64, 3e-4, warmup=100),
+        save_every=250, eval_questions=64, eval_samples=4, max_new_tokens=256,
     ),
 }
 

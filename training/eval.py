@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ladi_core import seeding
 from ladi_core.backends import SamplingParams
 from ladi_core.checkpoint import exit_on_user_error, read_config
 from ladi_core.decoder import load_decoder
@@ -31,7 +32,7 @@ from ladi_core.seeding import question_seed
 from ladi_core.tasks import Question, get_task
 from ladi_core.verifiers import Verifier
 
-from .common import set_threads, teacher_forcing
+from .common import Placement, set_threads, teacher_forcing
 
 
 def evaluate(reasoner: Reasoner, questions: list[Question], verifier: Verifier, *, plans: int,
@@ -89,7 +90,7 @@ def reference_posteriors(reasoner: Reasoner, questions: list[Question]) -> tuple
         ids = pid + tok(ref, add_special_tokens=False).input_ids + [tok.eos_token_id]
         idx.append(i)
         refs.append(ref)
-        rows.append(reasoner.embed_tokens(torch.tensor(ids)))
+        rows.append(reasoner.embed_tokens(torch.tensor(ids, device=reasoner.embed_tokens.weight.device)))
     if not rows:
         return [], [], torch.empty(0)
     x, mask = pad_embeds(rows)
@@ -165,7 +166,7 @@ def plan_diagnostics(reasoner: Reasoner, questions: list[Question], verifier: Ve
         return {"ceiling@1": None, "prior@1": None, "noise@1": None}
     prompts = reasoner.prompt_embeds(reasoner.prompt_ids([q.prompt for q in qs]))
     prior = reasoner.sample_plans(prompts, 1, generator=gen).latents
-    noise = torch.randn(len(qs), cfg.latent_tokens, cfg.latent_dim, generator=gen)
+    noise = seeding.randn((len(qs), cfg.latent_tokens, cfg.latent_dim), gen, device=prior.device)
     out = {}
     for name, plans in (("ceiling", post), ("prior", prior), ("noise", noise)):
         texts = reasoner.decode(prompts, plans, samples, params)
@@ -317,6 +318,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-questions", type=int, default=32)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
     p.add_argument("--probe-questions", type=int, default=64,
                    help="latent checkpoints: questions for the plan-following probe (plan_texts, "
                    "reconstruction); 0 skips it")
@@ -330,7 +332,7 @@ def part_key(args: argparse.Namespace, ckpt: str, problems: int) -> str:
     """What a checkpoint's evaluation depends on: every flag that changes a figure, and the
     checkpoint itself (its ladi.json records how it was made, down to the commit and metrics)."""
     flags = {k: v for k, v in vars(args).items()
-             if k not in ("checkpoint", "name", "out", "threads", "problems_for")}
+             if k not in ("checkpoint", "name", "out", "threads", "device", "problems_for")}
     made = (Path(ckpt) / "ladi.json").read_text()
     return hashlib.sha256(json.dumps([flags, made, problems], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -353,6 +355,7 @@ def row_problems(args: argparse.Namespace, names: list[str]) -> dict[str, int]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_threads(args.threads)
+    device = Placement.resolve(args.device).device
     ks = sorted({int(k) for k in args.k.split(",")})
     if ks[0] < 1:
         raise SystemExit("--k values must be >= 1")
@@ -380,7 +383,7 @@ def main(argv=None) -> dict:
             print(f"{name}: evaluated before with these flags ({part}), reused")
             continue
         t0 = time.time()
-        reasoner = Reasoner.from_checkpoint(ckpt)
+        reasoner = Reasoner.from_checkpoint(ckpt, device=str(device))
         if args.decoder_only:
             reasoner = reasoner.without_plans()
         n = max(ks)

@@ -37,13 +37,13 @@ def decoder_layers(decoder: torch.nn.Module) -> list[torch.nn.Module]:
                      "(looked for model.layers, transformer.h, gpt_neox.layers)")
 
 
-def shard_decoder(decoder: torch.nn.Module) -> int:
-    """fully_shard every decoder layer in place (bf16 compute on CUDA, fp32 gradient reduction);
-    returns the number of layers sharded. Must run before the optimiser is built."""
+def shard_decoder(decoder: torch.nn.Module, precision: str = "fp32") -> int:
+    """fully_shard every decoder layer in place (with precision "bf16": bf16 compute, fp32 gradient
+    reduction); returns the number of layers sharded. Must run before the optimiser is built."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if torch.cuda.is_available() else MixedPrecisionPolicy()
+        if precision == "bf16" else MixedPrecisionPolicy()
     layers = decoder_layers(decoder)
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
@@ -66,8 +66,9 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     """clip_grad_norm_ over a mix of sharded (DTensor) and whole parameters: the squared norms of
     the shards are summed over ranks, the whole ones counted once."""
     grads = [p.grad for p in params if p.grad is not None]
-    local = torch.zeros((), dtype=torch.float64)
-    whole = torch.zeros((), dtype=torch.float64)
+    device = grads[0].device if grads else torch.device("cpu")  # NCCL reduces on the GPU
+    local = torch.zeros((), dtype=torch.float64, device=device)
+    whole = torch.zeros((), dtype=torch.float64, device=device)
     for g in grads:
         if isinstance(g, DTensor):
             local += g.to_local().double().pow(2).sum()

@@ -24,7 +24,7 @@ from ladi_core.decoder import load_decoder
 from ladi_core.generation import pad_embeds
 from ladi_core.tasks import get_task
 
-from .common import MetricsLog, pad_batch, set_threads, teacher_forcing
+from .common import MetricsLog, Placement, pad_batch, set_threads, teacher_forcing
 from .config import CheckpointStageConfig, StageConfig
 from .stage import (
     Examples,
@@ -50,6 +50,9 @@ PRESETS: dict[str, PriorRolloutConfig] = {
     "demo": PriorRolloutConfig(),
     "smoke": PriorRolloutConfig(stage=StageConfig(12, 16, 1e-3, warmup=2), denoising_steps=3, save_every=6,
                                 eval_questions=8, eval_samples=2, max_new_tokens=64),
+    # the sft preset of the same name's checkpoint (a ~1.5B chat model; untested on a GPU yet)
+    "qwen2.5-1.5b": PriorRolloutConfig(stage=StageConfig(600, 16, 3e-4, warmup=20), precision="bf16",
+                                       save_every=100, max_new_tokens=256),
 }
 
 
@@ -102,16 +105,17 @@ def main(argv=None) -> Path:
     if cfg.references < 1:
         raise SystemExit("--references must be at least 1")
     set_threads(cfg.threads)
+    place = Placement.resolve(cfg.device, cfg.precision)
     init, out = Path(args.init), Path(args.out)
-    ck = load_checkpoint(init)
+    ck = load_checkpoint(init, str(place.device))
     if not ck.is_latent:
         raise SystemExit(f"{init} is a token-level checkpoint: the rollout stage trains a latent checkpoint's prior")
     work = open_work_dir(out, cfg.to_json(), args.resume)
-    print(f"training.prior_rollout preset={args.preset} init={init}\n{cfg.to_json()}", flush=True)
+    print(f"training.prior_rollout preset={args.preset} init={init} on {place}\n{cfg.to_json()}", flush=True)
     command, commit, t0 = command_line("training.prior_rollout", argv), git_commit(), time.time()
 
     task = get_task(cfg.task)
-    decoder, tokenizer = load_decoder(ck.decoder_dir)
+    decoder, tokenizer = load_decoder(ck.decoder_dir, device=place.device)
     codec, policy = ck.codec, ck.policy
     decoder.eval()
     for prm in list(decoder.parameters()) + list(codec.parameters()):
@@ -121,18 +125,20 @@ def main(argv=None) -> Path:
 
     def loss_fn(rng, gen, progress):
         prompts, refs = data.batch_with_references(cfg.stage.batch_size, rng, cfg.references)
-        prompt_embeds = [embed(torch.tensor(p)) for p in prompts]  # frozen: no gradient
+        prompt_embeds = [embed(torch.tensor(p, device=place.device)) for p in prompts]  # frozen: no gradient
         cond, cond_mask = pad_embeds(prompt_embeds)
         ce = answer_loss_through_plans(decoder, codec, policy, prompt_embeds, cond, cond_mask, refs,
                                        cfg.denoising_steps, gen)
         ids, mask = pad_batch([p + rs[0] for p, rs in zip(prompts, refs)], pad)
+        ids, mask = ids.to(place.device), mask.to(place.device)
         with torch.no_grad():
             mu, _ = codec.encoder(embed(ids), mask)
         fm = policy.flow_matching_loss(codec.normalize(mu), cond, cond_mask, gen)
         return ce + cfg.flow_matching_weight * fm, {"ce": round(ce.item(), 5), "fm": round(fm.item(), 5)}
 
     log = MetricsLog(work / "metrics.jsonl")
-    run_stage("prior_rollout", cfg.stage, {"policy": policy}, list(policy.parameters()), loss_fn, cfg, work, log)
+    run_stage("prior_rollout", cfg.stage, {"policy": policy}, list(policy.parameters()), loss_fn, cfg, work, log,
+              place)
     policy.sampler = replace(policy.sampler, steps=cfg.denoising_steps)
     metrics = {"stage": "prior_rollout", "init": str(init), "prior_rollout_s": round(time.time() - t0, 1)}
     return finish_checkpoint_stage(out, decoder, tokenizer, codec, policy, task=task, task_name=ck.config.task,

@@ -41,7 +41,7 @@ from ladi_core.seeding import question_seed
 from ladi_core.tasks import get_task
 
 from .algos import ALGORITHMS
-from .common import MetricsLog, hash_int, load_state, save_state, set_threads, step_rng
+from .common import MetricsLog, Placement, hash_int, load_state, save_state, set_threads, step_rng
 from .eval import evaluate, summarize
 from .fsdp import ShardedState, clip_grad_norm, full_state_dict, is_sharded, shard_decoder
 from .rewards import default_rewards
@@ -51,11 +51,13 @@ from .rl_config import PRESETS, SHARED_FIELDS, RLConfig, all_method_configs, bui
 class Dist:
     """torchrun's environment, or a single process."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        # NCCL reduces tensors on the rank's GPU, gloo on the CPU
+        self.device = device if device.type == "cuda" else torch.device("cpu")
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     @property
     def main(self) -> bool:
@@ -74,12 +76,13 @@ class Dist:
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         if self.world == 1 or not values:
             return values
-        t = torch.tensor(list(values.values()), dtype=torch.float64)
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return dict(zip(values, (t / self.world).tolist()))
 
     def checksum(self, params) -> list[float]:
-        s = torch.tensor([sum(float(p.detach().double().sum()) for p in params)], dtype=torch.float64)
+        s = torch.tensor([sum(float(p.detach().double().sum()) for p in params)], dtype=torch.float64,
+                         device=self.device)
         if self.world == 1:
             return s.tolist()
         out = [torch.zeros_like(s) for _ in range(self.world)]
@@ -107,20 +110,21 @@ class Trainer:
 
     def __init__(self, cfg: RLConfig, init: Path, out: Path, command: str, resume: bool):
         self.cfg, self.out, self.command = cfg, out, command
-        self.dist = Dist()
+        self.place = Placement.resolve(cfg.device, cfg.precision)
+        self.dist = Dist(self.place.device)
         if cfg.questions_per_step % self.dist.world:
             raise SystemExit(f"questions_per_step ({cfg.questions_per_step}) must divide by the "
                              f"{self.dist.world} processes")
         self.work = out.with_name(out.name + ".work")
         self.task = get_task(cfg.task, cfg.verifier)
-        self.reasoner = Reasoner.from_checkpoint(init)
+        self.reasoner = Reasoner.from_checkpoint(init, device=str(self.place.device))
         self.decoder = self.reasoner.backend.trainable_decoder()
         self.algo = ALGORITHMS[cfg.algo](cfg, self.reasoner, self.decoder, self.task.verifier,
                                          default_rewards(cfg.format_weight))
         self.rollout = self._rollout_reasoner()
         if cfg.fsdp:
             self._check_fsdp()
-            layers = shard_decoder(self.decoder)
+            layers = shard_decoder(self.decoder, self.place.precision)
             if self.dist.main:
                 print(f"--fsdp: {layers} decoder layers sharded over {self.dist.world} ranks; rollouts decode "
                       "with a whole copy that takes the weights after every step", flush=True)
@@ -249,14 +253,16 @@ class Trainer:
         t0 = time.time()
         questions, seeds, gen = self._questions(step)
         self.algo.begin_step(step)
-        ro = self.algo.rollout(self.rollout, questions, seeds, gen, SamplingParams(cfg.temperature, 1.0,
-                                                                                   cfg.max_new_tokens))
+        with self.place.autocast():
+            ro = self.algo.rollout(self.rollout, questions, seeds, gen, SamplingParams(cfg.temperature, 1.0,
+                                                                                       cfg.max_new_tokens))
         t_roll = time.time() - t0
         stats: dict[str, float] = {}
         old: dict[str, torch.Tensor] = {}  # log-probs of the rollout policy, fixed at the first epoch
         for _ in range(cfg.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
-            loss, s = self.algo.loss(ro, old)
+            with self.place.autocast():
+                loss, s = self.algo.loss(ro, old)
             loss.backward()
             self.dist.all_reduce_grads(self.params)
             if cfg.fsdp:
@@ -375,7 +381,8 @@ def main(argv=None) -> dict:
         if args.resume and saved.is_file() and json.loads(saved.read_text()) != json.loads(cfg.to_json()):
             raise SystemExit(f"--resume: the configuration differs from the run in {trainer.work}")
         saved.write_text(cfg.to_json())
-        print(f"training.rl preset={args.preset} world={trainer.dist.world}\n{cfg.to_json()}", flush=True)
+        print(f"training.rl preset={args.preset} world={trainer.dist.world} on {trainer.place}\n{cfg.to_json()}",
+              flush=True)
     try:
         return trainer.train()
     finally:

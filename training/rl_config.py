@@ -51,6 +51,8 @@ class RLConfig:
     eval_questions: int = 100  # the final held-out evaluation
     eval_k: tuple[int, ...] = (1, 8)
     threads: int = 0  # torch threads (0: torch's default)
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto (this rank's GPU when there is one)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: rollouts and losses under autocast, float32 weights
     rollout_backend: Literal["transformers", "vllm"] = "transformers"  # vllm: texts decoded by a vLLM engine
     fsdp: bool = False  # under torchrun: shard the decoder's layers with FSDP2 (training/fsdp.py)
     vllm: VLLMOptions = VLLMOptions(dtype="float32", max_model_len=512, cpu_kvcache_space_gib=2)
@@ -100,6 +102,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "smoke": {"steps": 4, "questions_per_step": 4, "plans": 4, "samples_per_plan": 2, "max_new_tokens": 48,
               "train_denoising_steps": 4, "save_every": 2, "eval_questions": 8, "eval_k": (1, 2)},
+    # a ~1.5B chat model's checkpoint (the sft preset of the same name) on one GPU: mixed precision,
+    # longer texts, a pretrained decoder's learning rates (untested on a GPU yet)
+    "qwen2.5-1.5b": {"precision": "bf16", "max_new_tokens": 256, "lr": 1e-5, "text_lr": 1e-6, "save_every": 20,
+                     "eval_questions": 200},
 }
 
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ladi_core import seeding
 from ladi_core.backends import SamplingParams
 from ladi_core.checkpoint import load_checkpoint, make_provenance, save_checkpoint, update_metrics
 from ladi_core.codec import LatentCodec, with_plans
 from ladi_core.decoder import chat_prompt
 from ladi_core.generation import Reasoner
 
-from .common import MetricsLog, load_state, lr_at, pad_batch, save_state, step_rng, teacher_forcing
+from .common import CPU, MetricsLog, Placement, load_state, lr_at, pad_batch, save_state, step_rng, teacher_forcing
 from .config import SFTConfig, StageConfig, with_overrides
 from .eval import evaluate, plan_following, summarize
 
@@ -53,8 +54,9 @@ class Examples:
 
 
 def run_stage(name: str, sc: StageConfig, modules: dict[str, torch.nn.Module], params: list,
-              loss_fn: Callable, cfg: SFTConfig, work: Path, log: MetricsLog) -> None:
-    """AdamW loop with warm-up + cosine, tqdm, JSONL log and resumable state every cfg.save_every steps."""
+              loss_fn: Callable, cfg: SFTConfig, work: Path, log: MetricsLog, place: Placement = CPU) -> None:
+    """AdamW loop with warm-up + cosine, tqdm, JSONL log and resumable state every cfg.save_every steps.
+    The loss is computed under `place`'s autocast (its batches are the loss function's to place)."""
     opt = torch.optim.AdamW(params, lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.95))
     state_file = work / f"{name}.pt"
     start = 0
@@ -77,7 +79,8 @@ def run_stage(name: str, sc: StageConfig, modules: dict[str, torch.nn.Module], p
         for g in opt.param_groups:
             g["lr"] = lr
         rng, gen = step_rng(cfg.seed, name, step)
-        loss, extra = loss_fn(rng, gen, step / sc.steps)
+        with place.autocast():
+            loss, extra = loss_fn(rng, gen, step / sc.steps)
         if not torch.isfinite(loss):
             raise RuntimeError(f"[{name}] the loss is {loss.item()} at step {step}: the run failed (its state up to "
                                f"the last save is in {work}; lower the stage's lr and --resume)")
@@ -109,21 +112,23 @@ def latent_reconstruction_loss(decoder, codec: LatentCodec, prompts: list[list[i
     of the encoder's input tokens at random (LaDiR: a decoder robust to imperfect latents)."""
     ccfg = codec.cfg
     embed = decoder.get_input_embeddings()
+    dev = embed.weight.device  # the batch is built and its noise drawn on the CPU, then moved
     ids, mask = pad_batch([p + c for p, c in zip(prompts, comps)], pad)
     if ccfg.token_substitution > 0:
         swap = (torch.rand(ids.shape, generator=gen) < ccfg.token_substitution) & mask
         ids = torch.where(swap, torch.randint(0, embed.num_embeddings, ids.shape, generator=gen), ids)
+    ids, mask = ids.to(dev), mask.to(dev)
     with torch.no_grad():
         enc_in = embed(ids)
     z, kl = codec.encode(enc_in, mask, sample=True, generator=gen)
-    z = z + ccfg.latent_noise * torch.randn(z.shape, generator=gen)
+    z = z + ccfg.latent_noise * seeding.randn(z.shape, gen, device=dev)
     plan = codec.adapter(z)
-    hidden_tok = embed(torch.tensor([pad]))[0]
+    hidden_tok = embed(torch.tensor([pad], device=dev))[0]
     dropout = ccfg.cot_dropout if ccfg.decoder_sees_question else 0.0
     prefixes, reads = [], []
     for i, (p, c) in enumerate(zip(prompts, comps)):
-        e = embed(torch.tensor(p + c))
-        hide = torch.rand(len(c), generator=gen) < dropout
+        e = embed(torch.tensor(p + c, device=dev))
+        hide = seeding.rand(len(c), gen, device=dev) < dropout
         reads.append(torch.where(hide[:, None], hidden_tok, e[len(p):]))
         prefixes.append(with_plans([e[: len(p)]], plan[i:i + 1], ccfg.decoder_sees_question)[0])
     x, xmask, lab = teacher_forcing(prefixes, comps, embed, target_embeds=reads)
@@ -132,9 +137,9 @@ def latent_reconstruction_loss(decoder, codec: LatentCodec, prompts: list[list[i
     return ce + codec.kl_penalty(kl, progress), {"ce": round(ce.item(), 5), "kl": round(kl_nats.item(), 3)}
 
 
-def quick_eval(path: Path, task, cfg: SFTConfig) -> dict:
+def quick_eval(path: Path, task, cfg: SFTConfig, device: torch.device | str = "cpu") -> dict:
     """A small held-out pass@1 check, recorded in the checkpoint's provenance."""
-    reasoner = Reasoner.from_checkpoint(path)
+    reasoner = Reasoner.from_checkpoint(path, device=str(device))
     qs = task.questions("test", cfg.eval_questions, seed=0)
     plans, spp = (cfg.eval_samples, 1) if reasoner.distinct_plans else (1, cfg.eval_samples)
     recs = evaluate(reasoner, qs, task.verifier, plans=plans, samples_per_plan=spp,
@@ -156,7 +161,7 @@ def finish_checkpoint_stage(out: Path, decoder, tokenizer, codec, policy, *, tas
     rollout stage): the checkpoint with its provenance, the held-out check, a clean reload."""
     prov = make_provenance(command, cfg.seed, json.loads(cfg.to_json()), metrics, commit)
     save_checkpoint(out, decoder, tokenizer, prov, task=task_name, codec=codec, policy=policy)
-    quick_eval(out, task, cfg)
+    quick_eval(out, task, cfg, next(decoder.parameters()).device)
     load_checkpoint(out)  # the written directory must load cleanly
     log.write(**{**metrics, "stage": "done"})
     return out
@@ -186,13 +191,22 @@ def checkpoint_stage_parser(prog: str, doc: str, presets: dict, init_help: str) 
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int, help="override the preset's step count")
     p.add_argument("--threads", type=int)
+    add_placement_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in <out>.work/")
     return p
 
 
+def add_placement_arguments(p: argparse.ArgumentParser) -> None:
+    """--device and --precision, for the stages whose configs have those fields."""
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (the GPU when there is one; the default)")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="bf16: mixed precision (autocast forward passes, float32 weights); default fp32")
+
+
 def checkpoint_stage_config(presets: dict, args: argparse.Namespace, **extra):
     """The preset with the stage's flags applied (unset flags leave the preset's values)."""
-    cfg = with_overrides(presets[args.preset], seed=args.seed, threads=args.threads, **extra)
+    cfg = with_overrides(presets[args.preset], seed=args.seed, threads=args.threads, device=args.device,
+                         precision=args.precision, **extra)
     if args.steps is not None:
         cfg = replace(cfg, stage=replace(cfg.stage, steps=args.steps))
     return cfg

@@ -23,7 +23,7 @@ from ladi_core.checkpoint import command_line, exit_on_user_error, git_commit, l
 from ladi_core.decoder import load_decoder
 from ladi_core.tasks import get_task
 
-from .common import MetricsLog, set_threads
+from .common import MetricsLog, Placement, set_threads
 from .config import CheckpointStageConfig, StageConfig
 from .stage import (
     Examples,
@@ -52,6 +52,10 @@ PRESETS: dict[str, WriterConfig] = {
     "demo": WriterConfig(),
     "smoke": WriterConfig(stage=StageConfig(40, 32, 2e-3, warmup=5), save_every=20, eval_questions=8,
                           eval_samples=2, max_new_tokens=64),
+    # the sft preset of the same name's checkpoint (a ~1.5B chat model): mixed precision, a
+    # pretrained decoder's learning rate (untested on a GPU yet)
+    "qwen2.5-1.5b": WriterConfig(stage=StageConfig(1500, 16, 2e-5, warmup=50), precision="bf16", save_every=250,
+                                 max_new_tokens=256),
 }
 
 
@@ -67,20 +71,21 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     cfg = checkpoint_stage_config(PRESETS, args, decoder_from=args.decoder_from)
     set_threads(cfg.threads)
+    place = Placement.resolve(cfg.device, cfg.precision)
     init, out = Path(args.init), Path(args.out)
-    ck = load_checkpoint(init)
+    ck = load_checkpoint(init, str(place.device))
     if not ck.is_latent:
         raise SystemExit(f"{init} is a token-level checkpoint: the writer stage needs a codec and a prior")
     if ck.codec.cfg.decoder_sees_question:
         raise SystemExit(f"{init}'s decoder already sees the question: the writer stage is for a "
                          f"question-free codec (CodecConfig.decoder_sees_question=False)")
     work = open_work_dir(out, cfg.to_json(), args.resume)
-    print(f"training.writer preset={args.preset} init={init}\n{cfg.to_json()}", flush=True)
+    print(f"training.writer preset={args.preset} init={init} on {place}\n{cfg.to_json()}", flush=True)
     command, commit, t0 = command_line("training.writer", argv), git_commit(), time.time()
 
     task = get_task(cfg.task)
     source = load_checkpoint(cfg.decoder_from) if cfg.decoder_from else ck
-    decoder, tokenizer = load_decoder(source.decoder_dir)
+    decoder, tokenizer = load_decoder(source.decoder_dir, device=place.device)
     if decoder.config.hidden_size != ck.codec.cfg.hidden_size or len(tokenizer) != len(ck.tokenizer):
         raise SystemExit(f"--decoder-from {cfg.decoder_from}: its decoder (hidden size {decoder.config.hidden_size}, "
                          f"{len(tokenizer)} tokens) does not fit {init}'s codec (hidden size "
@@ -98,7 +103,7 @@ def main(argv=None) -> Path:
 
     log = MetricsLog(work / "metrics.jsonl")
     run_stage("writer", cfg.stage, {"decoder": decoder, "adapter": codec.adapter},
-              list(decoder.parameters()) + list(codec.adapter.parameters()), writer_loss, cfg, work, log)
+              list(decoder.parameters()) + list(codec.adapter.parameters()), writer_loss, cfg, work, log, place)
     metrics = {"stage": "writer", "init": str(init), "decoder_from": str(source.path),
                "writer_s": round(time.time() - t0, 1)}
     return finish_checkpoint_stage(out, decoder, tokenizer, codec, policy, task=task, task_name=ck.config.task,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import seeding
 from .base import LatentPolicy, PlanSample, Rescored
 from .layers import Block, encode_question
 
@@ -99,7 +100,7 @@ class AssistantPolicy(LatentPolicy):
         sc = self.settings(**overrides)
         mean = self.means(cond, cond_mask, counts)
         if init_noise is None:
-            init_noise = torch.randn(mean.shape, generator=generator, device=cond.device)
+            init_noise = seeding.randn(mean.shape, generator, device=cond.device)
         elif tuple(init_noise.shape) != tuple(mean.shape):
             raise ValueError(f"init_noise has shape {tuple(init_noise.shape)}, expected {tuple(mean.shape)}")
         z = mean + self.std(sc.temperature) * init_noise.to(mean.device, mean.dtype)

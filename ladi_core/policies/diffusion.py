@@ -16,7 +16,7 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from .. import flow
+from .. import flow, seeding
 from .base import LatentPolicy, PlanSample, Rescored
 from .layers import Block, encode_question
 
@@ -141,10 +141,10 @@ class DiffusionPolicy(LatentPolicy):
                            generator: torch.Generator | None = None) -> torch.Tensor:
         """Rectified flow: z_t = (1 - t) z0 + t eps, regress v = eps - z0; question dropped for CFG."""
         b = z0.shape[0]
-        t = torch.rand(b, generator=generator, device=z0.device)
-        eps = torch.randn(z0.shape, generator=generator, device=z0.device)
+        t = seeding.rand(b, generator, device=z0.device)
+        eps = seeding.randn(z0.shape, generator, device=z0.device)
         zt = (1 - t)[:, None, None] * z0 + t[:, None, None] * eps
-        drop = torch.rand(b, generator=generator, device=z0.device) < self.cfg.cond_dropout
+        drop = seeding.rand(b, generator, device=z0.device) < self.cfg.cond_dropout
         v = self.denoiser(zt, t, self.denoiser.encode(cond, cond_mask), drop)
         return (v - (eps - z0)).pow(2).mean()
 
@@ -205,7 +205,7 @@ class DiffusionPolicy(LatentPolicy):
         ctx = self.context(cond, cond_mask).repeat(torch.tensor(counts, device=cond.device))
         shape = (sum(counts), self.cfg.latent_tokens, self.cfg.latent_dim)
         if init_noise is None:
-            init_noise = torch.randn(shape, generator=generator, device=cond.device)
+            init_noise = seeding.randn(shape, generator, device=cond.device)
         elif tuple(init_noise.shape) != shape:
             raise ValueError(f"init_noise has shape {tuple(init_noise.shape)}, expected {shape}")
         x = init_noise.to(cond.device) * sc.init_noise_scale

@@ -135,7 +135,7 @@ class LatentRL(_Thinking):
         with torch.set_grad_enabled(not self._warming):  # warming up: the decoder is left alone
             cond, mask = pad_embeds(self.prompt_embeds(ro))
             h = self.policy.think(cond, mask)  # [Q, L, hidden], with gradient into the decoder
-        target = ro.scored.correct.mean(-1)  # [Q] the share of the question's texts that were right
+        target = ro.scored.correct.mean(-1).to(h.device)  # [Q] the share of the question's texts that were right
         bce = value_loss(self.policy.value(h.detach()), target)
         score = torch.sigmoid(self.policy.value(h, detach_head=True))  # [Q, L]
         stats = {"value_bce": bce.item(), "value_score": score.mean().item(), "value_target": target.mean().item()}

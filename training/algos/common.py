@@ -18,6 +18,7 @@ def clipped_surrogate(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch
     """PPO's per-element loss -min(r A, clip(r, 1-c, 1+c) A), r = exp(logp_new - logp_old).
     Shapes broadcast (adv per sequence/plan against per-token/per-step log-probs). Returns the
     elementwise loss and statistics (clip fraction, approximate KL)."""
+    adv = adv.to(logp_new.device)  # rewards are scored on the CPU
     log_ratio = logp_new - logp_old
     ratio = torch.exp(log_ratio)
     unclipped = ratio * adv

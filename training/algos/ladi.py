@@ -178,7 +178,7 @@ class LadiRL(Algorithm):
             rows = torch.arange(len(ro.prompt_embeds) * m).repeat_interleave(n)  # (question, plan) per text
             with torch.no_grad():  # the decoder trains here, not the plans
                 prefixes = self.reasoner.prefixes([ro.prompt_embeds[int(r) // m] for r in rows],
-                                                  ro.plans.latents[rows])
+                                                  ro.plans.latents[rows.to(ro.plans.latents.device)])
             q = len(ro.prompt_embeds)
             adv = text_advantages(ro.scored.rewards.view(q, m * n), ro.scored.correct.view(q, m * n), n, cfg)
             text_loss, _ = text_policy_loss(self.decoder, prefixes, ro.scored, adv, old, cfg,
