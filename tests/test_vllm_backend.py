@@ -120,16 +120,6 @@ def test_the_reasoner_generates_plans_and_texts_through_vllm(vllm_reasoner):
         assert (c.decoded.finish_reason == "length") == (len(c.decoded.token_ids) == 48)
 
 
-@pytest.mark.slow
-def test_weight_updates_are_refused_on_the_cpu_build(vllm_token_reasoner, latent_reasoner):
-    """vLLM's CPU build repacks linear weights at load, so an in-place reload would silently mix old
-    and new weights: the backend says so and refuses, rather than decode with a half-updated model."""
-    backend = vllm_token_reasoner.backend
-    assert backend.supports_weight_updates is False
-    with pytest.raises(NotImplementedError, match="CPU build"):
-        backend.update_weights(latent_reasoner.backend.model.state_dict())
-
-
 def test_data_parallelism_is_passed_to_the_engine_and_refused_up_front_on_the_cpu_build(latent_ckpt):
     """--vllm-data-parallel-size reaches vLLM's engine arguments on GPUs; the CPU build runs one
     engine, so asking for more is one clear error before any engine starts."""

@@ -15,6 +15,8 @@ ladi.json), resumable state to <out>.work/ (--resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import statistics
@@ -80,6 +82,15 @@ class Dist:
         dist.all_reduce(t)
         return dict(zip(values, (t / self.world).tolist()))
 
+    def gather(self, value: float) -> list[float]:
+        """One number from every rank, in rank order (on every rank)."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if self.world == 1:
+            return t.tolist()
+        out = [torch.zeros_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t)
+        return [float(x) for x in out]
+
     def checksum(self, params) -> list[float]:
         s = torch.tensor([sum(float(p.detach().double().sum()) for p in params)], dtype=torch.float64,
                          device=self.device)
@@ -92,6 +103,25 @@ class Dist:
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def only_visible_gpu(index: int | None):
+    """Processes started inside see only GPU `index` (as their cuda:0): a rank's rollout engine
+    runs on that rank's GPU. None: nothing changes."""
+    if index is None:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = before.split(",") if before else None
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 def token_entropy(decoded) -> float:
@@ -121,15 +151,17 @@ class Trainer:
         self.decoder = self.reasoner.backend.trainable_decoder()
         self.algo = ALGORITHMS[cfg.algo](cfg, self.reasoner, self.decoder, self.task.verifier,
                                          default_rewards(cfg.format_weight))
-        self.rollout = self._rollout_reasoner()
         if cfg.fsdp:
             self._check_fsdp()
+        # the decoder as a whole (what checkpoints save and the transformers rollouts decode with):
+        # under FSDP a copy made before sharding, which takes the gathered weights after every step
+        self.whole_decoder = copy.deepcopy(self.decoder) if cfg.fsdp else self.decoder
+        self.rollout = self._rollout_reasoner()
+        if cfg.fsdp:
             layers = shard_decoder(self.decoder, self.place.precision)
             if self.dist.main:
-                print(f"--fsdp: {layers} decoder layers sharded over {self.dist.world} ranks; rollouts decode "
-                      "with a whole copy that takes the weights after every step", flush=True)
-        # the decoder as a whole, to save: the rollout copy under FSDP (it holds the gathered weights)
-        self.whole_decoder = self.rollout.backend.trainable_decoder() if cfg.fsdp else self.decoder
+                print(f"--fsdp: {layers} decoder layers sharded over {self.dist.world} ranks; the whole weights are "
+                      "gathered after every step for the rollouts and the checkpoints", flush=True)
         groups = self.algo.param_groups()
         self.params = [p for g in groups for p in g["params"]]
         self.opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.99))
@@ -152,26 +184,26 @@ class Trainer:
         checkpoint that shares the live policy, codec and embeddings (and gets the decoder's weights
         after every step when the decoder trains)."""
         cfg = self.cfg
+        ck = self.reasoner.checkpoint
         if cfg.rollout_backend == "transformers" and cfg.fsdp:
-            import copy
-
             from ladi_core.backends.transformers import TransformersBackend
 
-            ck = self.reasoner.checkpoint
-            return Reasoner(ck, TransformersBackend(copy.deepcopy(self.decoder), ck.tokenizer))
+            return Reasoner(ck, TransformersBackend(self.whole_decoder, ck.tokenizer))
         if cfg.rollout_backend == "transformers":
             return self.reasoner
         from ladi_core.backends.vllm import VLLMBackend
 
-        ck = self.reasoner.checkpoint
         if self.decoder.dtype != torch.float32 and cfg.vllm.dtype == "float32":
             raise SystemExit(f"the decoder trains in {self.decoder.dtype}; set --vllm-dtype to match")
-        backend = VLLMBackend(ck.decoder_dir, ck.tokenizer, cfg.vllm)
-        if self.algo.decoder_training and not backend.supports_weight_updates:
-            backend.close()
-            raise SystemExit(f"{self.algo.decoder_training} trains the decoder, and this vLLM build cannot take new "
-                             "weights in place (vLLM's CPU build repacks linear layers at load): use "
-                             "--rollout-backend transformers here, or a GPU build of vLLM")
+        # one engine per rank (under torchrun), beside its trainer: on a GPU it runs on this rank's
+        # device (its processes are started seeing only that one)
+        gpu = self.place.device.index if self.place.device.type == "cuda" else None
+        with only_visible_gpu(gpu):
+            backend = VLLMBackend(ck.decoder_dir, ck.tokenizer, cfg.vllm)
+        if self.algo.decoder_training and not backend.reloads_in_place and self.dist.main:
+            print(f"{self.algo.decoder_training} trains the decoder, and this vLLM build cannot reload weights in "
+                  "place (vLLM's CPU build repacks its linear layers at load): the rollout engine restarts on the "
+                  "new weights after every step, which is slow; a GPU build reloads in place", flush=True)
         return Reasoner(ck, backend, embed_tokens=self.decoder.get_input_embeddings())
 
     def _check_fsdp(self) -> None:
@@ -181,16 +213,19 @@ class Trainer:
         elif self.reasoner.checkpoint.policy is not None and self.reasoner.checkpoint.policy.needs_decoder:
             why = (f"--algo {self.cfg.algo}'s policy thinks with the decoder itself, and its thoughts would run "
                    "through the sharded layers during rollouts: not supported yet")
-        elif self.cfg.rollout_backend != "transformers":
-            why = "with --rollout-backend vllm: not supported yet (use the transformers rollout copy)"
         if why:
             raise SystemExit(f"--fsdp: {why}")
 
     def _push_decoder(self) -> None:
-        """The rollout engine decodes with the weights being trained (on-policy rollouts)."""
-        if self.rollout is not self.reasoner and self.algo.decoder_training:
-            state = full_state_dict(self.decoder) if self.cfg.fsdp else self.decoder.state_dict()
-            self.rollout.backend.update_weights(state)
+        """The rollouts decode with the weights being trained (on-policy rollouts): under FSDP every
+        rank gathers them (a collective) into its whole copy; a rank's vLLM engine takes them too."""
+        if not self.algo.decoder_training:
+            return
+        state = full_state_dict(self.decoder) if self.cfg.fsdp else None
+        if state is not None:
+            self.whole_decoder.load_state_dict(state)
+        if self.cfg.rollout_backend != "transformers":
+            self.rollout.backend.update_weights(state if state is not None else self.decoder.state_dict())
 
     def close(self) -> None:
         if self.rollout is not self.reasoner and hasattr(self.rollout.backend, "close"):  # an engine to stop
@@ -304,15 +339,40 @@ class Trainer:
                     self._save_checkpoint({"step": step + 1})
         # under FSDP the ranks hold different shards: compare the whole copies they decode with
         sums = self.dist.checksum(list(self.whole_decoder.parameters()) if cfg.fsdp else self.params)
+        engines = self.dist.gather(self.engine_agreement()) if self._engine_follows() else None
         final = {}
         if self.dist.main:
             in_sync = max(sums) - min(sums) <= 1e-6 * max(1.0, abs(sums[0]))
             print(f"parameter checksums per rank: {sums} ({'ranks in sync' if in_sync else 'RANKS DIVERGED'})")
+            extra = {}
+            if engines is not None:
+                ok = all(x == 1.0 for x in engines)
+                print(f"greedy texts of each rank's rollout engine against the trained decoder: {engines} "
+                      f"({'every engine has the trained weights' if ok else 'AN ENGINE IS BEHIND'})", flush=True)
+                extra["rollout_engine_greedy_match"] = engines
             final = self.evaluate()
-            update_metrics(self.out, {"final_eval": final, "steps": cfg.steps})
+            update_metrics(self.out, {"final_eval": final, "steps": cfg.steps, **extra})
             self.log.write(stage="final", **final)
             print(json.dumps(final, indent=2))
         return final
+
+    def _engine_follows(self) -> bool:
+        """Whether a rollout engine holds its own copy of weights that training changes."""
+        return self.cfg.rollout_backend != "transformers" and self.algo.decoder_training is not None
+
+    def engine_agreement(self, prompts: int = 8) -> float:
+        """The share of `prompts` held-out questions whose greedy text (the same seeded plan, for a
+        latent checkpoint) is the same from this rank's rollout engine and from the trained decoder
+        in torch: 1.0 when the pushed weights reached the engine."""
+        from ladi_core.backends.transformers import TransformersBackend
+
+        ck = self.reasoner.checkpoint
+        trained = Reasoner(ck, TransformersBackend(self.whole_decoder, ck.tokenizer),
+                           embed_tokens=self.whole_decoder.get_input_embeddings())
+        qs = [q.prompt for q in self.task.questions("test", prompts, seed=1)]
+        greedy = SamplingParams(0.0, 1.0, self.cfg.max_new_tokens, seed=self.cfg.seed)
+        texts = [[g.completions[0].text for g in r.generate(qs, 1, 1, greedy)] for r in (self.rollout, trained)]
+        return sum(a == b for a, b in zip(*texts)) / len(qs)
 
     def evaluate(self) -> dict:
         cfg = self.cfg
@@ -370,9 +430,6 @@ def config_from_args(args: argparse.Namespace) -> RLConfig:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = config_from_args(args)
-    if cfg.rollout_backend == "vllm" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("--rollout-backend vllm runs one engine in one process; under torchrun use "
-                         "--rollout-backend transformers")
     set_threads(cfg.threads)
     out = Path(args.out)
     trainer = Trainer(cfg, Path(args.init), out, command_line("training.rl", argv), args.resume)

@@ -170,7 +170,6 @@ class VLLMBackend:
 
     def __init__(self, decoder_dir: str | Path, tokenizer, options: VLLMOptions | None = None):
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         opts, how = resolve_options(decoder_dir, options or VLLMOptions())
         if how:
@@ -190,19 +189,28 @@ class VLLMBackend:
         if current_platform.is_cpu():
             chunked = False if chunked is None else chunked
             block_size = block_size or 32
-        args = AsyncEngineArgs(model=str(decoder_dir), enable_prompt_embeds=True, dtype=opts.dtype,
-                               enable_chunked_prefill=chunked, block_size=block_size,
-                               max_model_len=opts.max_model_len, gpu_memory_utilization=opts.gpu_memory_utilization,
-                               tensor_parallel_size=opts.tensor_parallel_size,
-                               data_parallel_size=opts.data_parallel_size, enforce_eager=opts.enforce_eager,
-                               max_num_seqs=opts.max_num_seqs)
+        self._args = AsyncEngineArgs(model=str(decoder_dir), enable_prompt_embeds=True, dtype=opts.dtype,
+                                     enable_chunked_prefill=chunked, block_size=block_size,
+                                     max_model_len=opts.max_model_len,
+                                     gpu_memory_utilization=opts.gpu_memory_utilization,
+                                     tensor_parallel_size=opts.tensor_parallel_size,
+                                     data_parallel_size=opts.data_parallel_size, enforce_eager=opts.enforce_eager,
+                                     max_num_seqs=opts.max_num_seqs)
+        self._decoder_dir = Path(decoder_dir)
+        self._pin = opts.pin_engine_core and current_platform.is_cpu()
+        self._live: tempfile.TemporaryDirectory | None = None  # the weights a restarted engine loads
+        self.restarts = 0
+        self._start(self._args)
+        self._registry = _own_collectors()
+
+    def _start(self, args) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         async def build():
             return AsyncLLM.from_engine_args(args)
 
         self.engine = asyncio.run_coroutine_threadsafe(build(), self._loop).result()
-        self._registry = _own_collectors()
-        self.free_cpus = self._pin_engine_core() if opts.pin_engine_core and current_platform.is_cpu() else None
+        self.free_cpus = self._pin_engine_core() if self._pin else None
 
     def _pin_engine_core(self) -> set[int] | None:
         """Keep the engine's processes where they cost least; return the CPUs its worker leaves free
@@ -359,25 +367,25 @@ class VLLMBackend:
         return results
 
     @property
-    def supports_weight_updates(self) -> bool:
+    def reloads_in_place(self) -> bool:
         """vLLM's CPU build packs every linear layer's weights into oneDNN/SGL kernels at load time
         and frees the originals, so an in-place reload updates norms, biases and embeddings but not
-        the matmuls (measured: the weights read back as empty tensors). GPU builds reload in place."""
+        the matmuls (measured: the weights read back as empty tensors): there, `update_weights`
+        restarts the engine on the new weights instead. GPU builds reload in place."""
         from vllm.platforms import current_platform
 
         return not current_platform.is_cpu()
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load new decoder weights into the running engine (RL, when the decoder trains).
+        """Load new decoder weights into the engine (RL, when the decoder trains).
 
-        The weights travel as a safetensors file that the engine's workers reload in place (tensors
-        do not cross vLLM's RPC intact); cached prompt prefixes computed with the old weights are
-        dropped. Tied weights (lm_head = embed_tokens) are sent once."""
+        GPU builds: the weights travel as a safetensors file that the engine's workers reload in
+        place (tensors do not cross vLLM's RPC intact), and cached prompt prefixes computed with the
+        old weights are dropped. The CPU build cannot reload in place (`reloads_in_place`): the engine
+        is shut down and started again on a private copy of the decoder directory holding the new
+        weights (seconds to a minute, against milliseconds). Tied weights (lm_head = embed_tokens)
+        are sent once."""
         from safetensors.torch import save_file
-
-        if not self.supports_weight_updates:
-            raise NotImplementedError("vLLM's CPU build cannot take new weights in place (its linear layers "
-                                      "are repacked into CPU kernels at load); restart the engine instead")
 
         embed = state_dict.get("model.embed_tokens.weight")
         head = state_dict.get("lm_head.weight")
@@ -386,6 +394,10 @@ class VLLMBackend:
                    if not (tied and k == "lm_head.weight")}
         if embed is not None:
             self._embed.weight.data.copy_(embed.detach().float().cpu())
+
+        if not self.reloads_in_place:
+            self._restart_on(tensors)
+            return
 
         async def reload(path: str):
             await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": path,
@@ -396,15 +408,38 @@ class VLLMBackend:
             save_file(tensors, os.path.join(tmp, "model.safetensors"))
             asyncio.run_coroutine_threadsafe(reload(tmp), self._loop).result()
 
-    def close(self) -> None:
-        """Shut the engine down on its own loop (its output handler lives there), then stop the loop."""
-        if self.engine is None:
-            return
+    def _restart_on(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Shut the engine down and start it again on the decoder directory's files (config,
+        tokenizer) with `tensors` as its weights, in a private directory this backend owns."""
+        from dataclasses import replace
+
+        from safetensors.torch import save_file
+
+        if self._live is None:
+            self._live = tempfile.TemporaryDirectory(prefix="ladi-engine-weights-")
+            for f in self._decoder_dir.iterdir():
+                if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")):
+                    (Path(self._live.name) / f.name).write_bytes(f.read_bytes())
+        save_file(tensors, os.path.join(self._live.name, "model.safetensors"))
+        self._shutdown_engine()
+        self._start(replace(self._args, model=self._live.name))
+        self.restarts += 1
+
+    def _shutdown_engine(self) -> None:
+        """Shut the engine down on its own loop (its output handler lives there)."""
 
         async def shutdown():
             self.engine.shutdown()
             self.engine = None  # collected now, while the interpreter is whole
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=120)
+
+    def close(self) -> None:
+        """Shut the engine down, then stop its loop and drop the restarted engine's weights."""
+        if self.engine is None:
+            return
+        self._shutdown_engine()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        if self._live is not None:
+            self._live.cleanup()
