@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ladi_core.checkpoint import command_line, exit_on_user_error, git_commit, load_checkpoint
+from ladi_core.codec import build_inputs_embeds
 from ladi_core.decoder import load_decoder
 from ladi_core.generation import pad_embeds
 from ladi_core.policies import AssistantPolicy, AssistantPolicyConfig, info_nce
@@ -59,7 +60,7 @@ def warmup_loss(decoder, codec, assistant: AssistantPolicy, prompts: list[list[i
     embed = decoder.get_input_embeddings()
     k = assistant.cfg.slots
     dev = embed.weight.device
-    prompt_embeds = [embed(torch.tensor(p, device=dev)) for p in prompts]  # frozen: no gradient
+    prompt_embeds = build_inputs_embeds(embed, prompts)  # frozen: no gradient
     cond, mask = pad_embeds(prompt_embeds)
     plans = assistant.sample(cond, mask, k, generator=gen, sde=True)  # reparameterised: grad reaches the assistant
     rows = [e for e in prompt_embeds for _ in range(k)]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ladi_core.checkpoint import command_line, exit_on_user_error, git_commit, load_checkpoint
-from ladi_core.codec import CodecConfig, LatentCodec
+from ladi_core.codec import CodecConfig, LatentCodec, build_inputs_embeds
 from ladi_core.decoder import chat_prompt, load_decoder
 from ladi_core.generation import pad_embeds
 from ladi_core.policies import RecurrentPolicy, RecurrentPolicyConfig
@@ -59,7 +59,7 @@ def stage_loss(decoder, codec: LatentCodec, policy: RecurrentPolicy, prompts: li
     """Cross-entropy of the remaining language (`rests`, with its end token) after
     `[prompt; bot; thoughts; eot]`, the thoughts computed with gradient."""
     embed = decoder.get_input_embeddings()
-    prompt_embeds = [embed(torch.tensor(p, device=embed.weight.device)) for p in prompts]
+    prompt_embeds = build_inputs_embeds(embed, prompts)
     cond, mask = pad_embeds(prompt_embeds)
     h = policy.think(cond, mask, thoughts)
     prefixes = codec.prefixes(prompt_embeds, h)

@@ -9,7 +9,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -37,7 +37,7 @@ class Placement:
     def resolve(cls, device: str, precision: Precision = "fp32") -> Placement:
         """device "auto": this process's GPU when CUDA is there (torchrun's LOCAL_RANK picks which),
         else the CPU; "cuda" without one is refused, naming what torch sees."""
-        if precision not in ("fp32", "bf16"):
+        if precision not in get_args(Precision):
             raise SystemExit(f"--precision {precision}: use fp32 or bf16")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -90,7 +90,7 @@ def reference_posteriors(reasoner: Reasoner, questions: list[Question]) -> tuple
         ids = pid + tok(ref, add_special_tokens=False).input_ids + [tok.eos_token_id]
         idx.append(i)
         refs.append(ref)
-        rows.append(reasoner.embed_tokens(torch.tensor(ids, device=reasoner.embed_tokens.weight.device)))
+        rows.append(reasoner.prompt_embeds([ids])[0])
     if not rows:
         return [], [], torch.empty(0)
     x, mask = pad_embeds(rows)

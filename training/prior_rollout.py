@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ladi_core.checkpoint import command_line, exit_on_user_error, git_commit, load_checkpoint
+from ladi_core.codec import build_inputs_embeds
 from ladi_core.decoder import load_decoder
 from ladi_core.generation import pad_embeds
 from ladi_core.tasks import get_task
@@ -125,7 +126,7 @@ def main(argv=None) -> Path:
 
     def loss_fn(rng, gen, progress):
         prompts, refs = data.batch_with_references(cfg.stage.batch_size, rng, cfg.references)
-        prompt_embeds = [embed(torch.tensor(p, device=place.device)) for p in prompts]  # frozen: no gradient
+        prompt_embeds = build_inputs_embeds(embed, prompts)  # frozen: no gradient
         cond, cond_mask = pad_embeds(prompt_embeds)
         ce = answer_loss_through_plans(decoder, codec, policy, prompt_embeds, cond, cond_mask, refs,
                                        cfg.denoising_steps, gen)

@@ -92,13 +92,7 @@ class Dist:
         return [float(x) for x in out]
 
     def checksum(self, params) -> list[float]:
-        s = torch.tensor([sum(float(p.detach().double().sum()) for p in params)], dtype=torch.float64,
-                         device=self.device)
-        if self.world == 1:
-            return s.tolist()
-        out = [torch.zeros_like(s) for _ in range(self.world)]
-        dist.all_gather(out, s)
-        return [float(x) for x in out]
+        return self.gather(sum(float(p.detach().double().sum()) for p in params))
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():

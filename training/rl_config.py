@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_type_hints
 from ladi_core.backends.vllm_options import VLLMOptions
 
 from .algos import ALGORITHMS
+from .common import Precision
 
 AlgoName = Literal[tuple(ALGORITHMS)]  # the registry is the list
 
@@ -52,7 +53,7 @@ class RLConfig:
     eval_k: tuple[int, ...] = (1, 8)
     threads: int = 0  # torch threads (0: torch's default)
     device: str = "auto"  # cpu, cuda, cuda:N, or auto (this rank's GPU when there is one)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: rollouts and losses under autocast, float32 weights
+    precision: Precision = "fp32"  # bf16: rollouts and losses under autocast, float32 weights
     rollout_backend: Literal["transformers", "vllm"] = "transformers"  # vllm: texts decoded by a vLLM engine
     fsdp: bool = False  # under torchrun: shard the decoder's layers with FSDP2 (training/fsdp.py)
     vllm: VLLMOptions = VLLMOptions(dtype="float32", max_model_len=512, cpu_kvcache_space_gib=2)

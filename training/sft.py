@@ -26,7 +26,7 @@ from ladi_core.checkpoint import (
     make_provenance,
     save_checkpoint,
 )
-from ladi_core.codec import LatentCodec
+from ladi_core.codec import LatentCodec, build_inputs_embeds
 from ladi_core.decoder import build_char_tokenizer, build_decoder, decoder_shape, load_decoder
 from ladi_core.generation import pad_embeds
 from ladi_core.policies import DiffusionPolicy
@@ -142,7 +142,7 @@ def main(argv=None) -> Path:
         enc_in, enc_mask = encode_inputs(prompts, comps)
         with torch.no_grad():
             mu, _ = codec.encoder(enc_in, enc_mask)
-            cond, cmask = pad_embeds([embed(torch.tensor(p, device=place.device)) for p in prompts])
+            cond, cmask = pad_embeds(build_inputs_embeds(embed, prompts))
         return mu, cond, cmask
 
     stats_file = work / "latent_stats.pt"
